@@ -1,0 +1,3 @@
+from fusion_bench.cli import main
+
+main()

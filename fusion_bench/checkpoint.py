@@ -1,0 +1,237 @@
+"""Lazy, validated access to checkpoint files.
+
+A :class:`LazyStateDict` is a read-only ``Mapping[str, Tensor]`` over one or more checkpoint files.
+Nothing is read when it is opened except the headers; each tensor is read when its key is looked
+up and forgotten by the mapping afterwards. Merge functions iterate key by key over such mappings,
+so a merge of N experts holds O(1) tensors per expert instead of N whole models.
+
+Formats:
+- safetensors (preferred): memory-mapped, per-tensor reads.
+- torch pickles (``.pt``/``.bin``): loaded with ``weights_only=True`` and ``mmap=True`` (the zip
+  format is mapped, not read). A file that needs full unpickling (e.g. a pickled ``nn.Module`` from
+  the task_vectors code) is refused unless the user opts in with ``allow_unsafe_pickle``, because
+  unpickling executes code from the file.
+
+Every user-facing failure is a :class:`~fusion_bench.errors.FusionBenchError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fusion_bench.errors import FusionBenchError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+# All stored keys of one file -> {stored key: canonical key} for the entries to keep. A function of
+# the whole key list because some layouts can only be told apart by looking at all keys.
+KeyMap = Callable[[Sequence[str]], Mapping[str, str]]
+
+
+def identity_keys(keys: Sequence[str]) -> dict[str, str]:
+    return {k: k for k in keys}
+
+
+class _SafetensorsFile:
+    """One open safetensors file (memory-mapped by the library)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        try:
+            self._handle = safe_open(str(path), framework="pt", device="cpu")
+            self._keys = list(self._handle.keys())
+        except Exception as e:  # SafetensorError and OSError have no common base worth naming
+            raise FusionBenchError(
+                f"Cannot read checkpoint '{path}': {e}. The file is corrupted or truncated; "
+                "re-download or re-save it."
+            ) from None
+        self.path = path
+
+    def keys(self) -> list[str]:
+        return self._keys
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._handle.get_slice(key).get_shape())
+
+    def get(self, key: str) -> Tensor:
+        try:
+            return self._handle.get_tensor(key)
+        except Exception as e:
+            raise FusionBenchError(
+                f"Cannot read tensor '{key}' from '{self.path}': {e}. The file is corrupted or "
+                "truncated; re-download or re-save it."
+            ) from None
+
+
+class _TorchFile:
+    """A torch pickle, opened with weights_only (and memory-mapped when the format allows)."""
+
+    def __init__(self, path: Path, allow_unsafe_pickle: bool):
+        self.path = path
+        obj = _torch_load(path, allow_unsafe_pickle)
+        if isinstance(obj, torch.nn.Module):
+            obj = obj.state_dict()
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]  # training checkpoints wrap the weights
+        if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+            raise FusionBenchError(
+                f"'{path}' does not contain a state dict (found {type(obj).__name__}). Save the "
+                "model's `state_dict()` (ideally with safetensors) and point the pool at that file."
+            )
+        self._sd = dict(obj)
+
+    def keys(self) -> list[str]:
+        return list(self._sd)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._sd[key].shape)
+
+    def get(self, key: str) -> Tensor:
+        return self._sd[key]
+
+
+def _torch_load(path: Path, allow_unsafe_pickle: bool):
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):  # legacy (non-zip) format cannot be mapped
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if not allow_unsafe_pickle:
+            raise FusionBenchError(
+                f"'{path}' is not a plain state dict: loading it needs full unpickling, which can "
+                f"execute code from the file ({str(e).splitlines()[0]}). If you trust the file, set "
+                "`allow_unsafe_pickle: true` on the model pool; better, convert it once to a "
+                "safetensors state dict."
+            ) from None
+    except Exception as e:
+        raise FusionBenchError(
+            f"Cannot read checkpoint '{path}': {type(e).__name__}: {e}. The file is corrupted, "
+            "truncated or not a torch checkpoint; re-download or re-save it."
+        ) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise FusionBenchError(
+            f"Cannot unpickle '{path}': {type(e).__name__}: {e}. Convert it to a safetensors "
+            "state dict in the environment that wrote it."
+        ) from None
+
+
+def _open_file(path: Path, allow_unsafe_pickle: bool):
+    if not path.is_file():
+        raise FusionBenchError(
+            f"Checkpoint file '{path}' does not exist. Check the path in the model pool config."
+        )
+    if path.suffix in SAFETENSORS_SUFFIXES:
+        return _SafetensorsFile(path)
+    return _TorchFile(path, allow_unsafe_pickle)
+
+
+class LazyStateDict(Mapping[str, Tensor]):
+    """Read-only mapping from canonical keys to tensors, read from disk on each lookup.
+
+    ``key_map`` renames stored keys to the pool's canonical layout (or drops them by returning
+    None), so checkpoints written by different libraries or library versions look the same to
+    merge code. With ``check_finite`` every floating tensor is checked for NaN/Inf as it is read.
+    """
+
+    def __init__(
+        self,
+        files: list[Path],
+        key_map: KeyMap = identity_keys,
+        allow_unsafe_pickle: bool = False,
+        check_finite: bool = True,
+        name: str | None = None,
+    ):
+        if not files:
+            raise FusionBenchError(f"No checkpoint files given for '{name}'.")
+        self.name = name or str(files[0])
+        self.files = [Path(f) for f in files]
+        self.check_finite = check_finite
+        self._index: dict[str, tuple[object, str]] = {}
+        for f in self.files:
+            handle = _open_file(f, allow_unsafe_pickle)
+            for stored, canonical in key_map(handle.keys()).items():
+                self._index[canonical] = (handle, stored)
+        if not self._index:
+            raise FusionBenchError(
+                f"Checkpoint '{self.name}' has no tensors with the expected key layout. Is it a "
+                "checkpoint of the right model family (Hugging Face CLIP vs open_clip)?"
+            )
+
+    def __getitem__(self, key: str) -> Tensor:
+        handle, stored = self._index[key]
+        tensor = handle.get(stored)
+        if self.check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FusionBenchError(
+                f"Tensor '{key}' of checkpoint '{self.name}' contains NaN or Inf values. The "
+                "checkpoint is corrupted or its fine-tuning diverged; re-export it or remove it "
+                "from the model pool."
+            )
+        return tensor
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        handle, stored = self._index[key]
+        return handle.shape(stored)
+
+    def num_parameters(self) -> int:
+        total = 0
+        for key in self:
+            n = 1
+            for d in self.shape(key):
+                n *= d
+            total += n
+        return total
+
+    def __repr__(self) -> str:
+        return f"LazyStateDict({self.name!r}, {len(self)} tensors)"
+
+
+def find_weight_files(directory: Path) -> list[Path]:
+    """The weight files of a ``save_pretrained`` directory, safetensors first, shards resolved."""
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = directory / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [directory / s for s in shards]
+        if (directory / single).is_file():
+            return [directory / single]
+    raise FusionBenchError(
+        f"'{directory}' holds no model weights (model.safetensors or pytorch_model.bin). Point "
+        "the pool at a directory written by `save_pretrained`."
+    )
+
+
+def files_fingerprint(files: list[Path]) -> str:
+    """Identity of files for cache keys: resolved path, size and modification time of each."""
+    parts = []
+    for f in files:
+        st = os.stat(f)
+        parts.append(f"{Path(f).resolve()}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def save_safetensors(state_dict: Mapping[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(path), metadata)

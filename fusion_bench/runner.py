@@ -1,0 +1,241 @@
+"""The runner: one function, read top-down.
+
+seed → Fabric → model pool, method, task pool (a log line each) → merge → evaluate → table,
+logger, merged model, JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import resource
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from fusion_bench.errors import FusionBenchError
+from fusion_bench.method.base import PerTask
+from fusion_bench.modelpool.base import ZeroShotClassifier
+from fusion_bench.tensor_ops import check_same_architecture
+
+log = logging.getLogger("fusion_bench")
+PACKAGES = ("fusion_bench", "torch", "open_clip_torch", "transformers", "lightning", "hydra-core",
+            "datasets", "safetensors", "wandb")
+
+
+def run(cfg: DictConfig) -> dict:
+    """Run one job described by the composed config; returns the report."""
+    timings: dict[str, float] = {}
+    method_name = cfg.get("method_name") or "method"
+
+    if cfg.dry_run:
+        return dry_run(cfg)
+    refuse_to_overwrite(cfg)
+
+    # 1. seed and Fabric (device, precision, loggers)
+    from lightning.fabric import seed_everything
+
+    seed_everything(cfg.seed, verbose=False)
+    loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
+    fabric = instantiate(cfg.fabric, loggers=loggers)
+    log.info("fabric: %s, precision %s", fabric.device, cfg.fabric.get("precision"))
+
+    # 2. the three parts
+    t = time.perf_counter()
+    modelpool = instantiate(cfg.modelpool, _convert_="all")
+    log.info("model pool: %s, %d experts %s", type(modelpool).__name__,
+             len(modelpool.expert_names), modelpool.expert_names)
+    method = instantiate(cfg.method, _convert_="all")
+    log.info("method: %s (%s)", method_name, type(method).__name__)
+    taskpool = instantiate(cfg.taskpool, _convert_="all")
+    log.info("task pool: %s, tasks %s, splits %s", type(taskpool).__name__, taskpool.tasks,
+             taskpool.splits)
+    validate_pool(modelpool)
+    timings["load_s"] = time.perf_counter() - t
+
+    # 3. merge
+    t = time.perf_counter()
+    result = method.run(modelpool, fabric)
+    model = to_classifiers(modelpool, result)
+    timings["merge_s"] = time.perf_counter() - t
+    log.info("merged in %.2f s", timings["merge_s"])
+
+    # 4. evaluate
+    t = time.perf_counter()
+    metrics = taskpool.evaluate(model, fabric)
+    timings["evaluate_s"] = time.perf_counter() - t
+    print(format_table(metrics, taskpool.tasks, taskpool.splits, title=method_name))
+
+    # 5. outputs
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_metrics(metrics)
+        if hasattr(logger, "log_table"):  # W&B: one row per task, as a table in the run
+            for split in taskpool.splits:
+                rows = [[task, metrics[f"{split}/{task}/acc"], metrics[f"{split}/{task}/loss"]]
+                        for task in taskpool.tasks]
+                logger.log_table(key=f"{split}/per_task", columns=["task", "acc", "loss"], data=rows)
+    if cfg.merged_model_save_path:
+        save_merged(modelpool, result, Path(cfg.merged_model_save_path), cfg, metrics)
+    report = {
+        "method": method_name,
+        "overrides": hydra_overrides(),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "metrics": metrics,
+        "timings": timings,
+        "memory": peak_memory(),
+        "modelpool": modelpool.describe(),
+        "environment": environment(),
+    }
+    if cfg.report_save_path:
+        path = Path(cfg.report_save_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, default=str))
+        log.info("report: %s", path)
+    for logger in loggers:
+        logger.finalize("success")
+        finish = getattr(getattr(logger, "experiment", None), "finish", None)
+        if callable(finish):  # end the W&B run, so the next job in this process starts its own
+            finish()
+    return report
+
+
+def hydra_overrides() -> list[str]:
+    """The command-line overrides of this job (what distinguishes it within a sweep)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def validate_pool(modelpool) -> None:
+    """Every expert has the pretrained model's keys and shapes (headers only, nothing loaded)."""
+    pretrained = modelpool.pretrained()
+    for name in modelpool.expert_names:
+        check_same_architecture(pretrained, modelpool.expert(name), name)
+
+
+def to_classifiers(modelpool, result) -> ZeroShotClassifier | dict[str, ZeroShotClassifier]:
+    if isinstance(result, PerTask):
+        return {task: to_classifiers(modelpool, r) for task, r in result.items()}
+    if isinstance(result, ZeroShotClassifier):
+        return result
+    if isinstance(result, nn.Module):
+        return modelpool.classifier(result)
+    if isinstance(result, Mapping):
+        check_finite(result)
+        return modelpool.classifier(modelpool.build_encoder(result))
+    raise TypeError(f"method returned {type(result).__name__}; see fusion_bench.method.base")
+
+
+def check_finite(state_dict: Mapping[str, Tensor]) -> None:
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise FusionBenchError(
+                f"The merged model has NaN/Inf in '{key}'. The method's hyper-parameters "
+                "overflowed (e.g. a huge scaling factor); nothing was evaluated or saved."
+            )
+
+
+def refuse_to_overwrite(cfg: DictConfig) -> None:
+    """Fail before any work if an output would overwrite something the user has."""
+    if cfg.get("overwrite"):
+        return
+    model_path = cfg.get("merged_model_save_path")
+    if model_path and Path(model_path).exists() and any(Path(model_path).iterdir() if Path(model_path).is_dir() else [True]):
+        raise FusionBenchError(
+            f"merged_model_save_path '{model_path}' exists and is not empty. Choose another path, "
+            "or pass overwrite=true to replace it."
+        )
+    report_path = cfg.get("report_save_path")
+    if report_path and Path(report_path).exists():
+        raise FusionBenchError(
+            f"report_save_path '{report_path}' exists. Choose another path, or pass "
+            "overwrite=true to replace it."
+        )
+
+
+def save_merged(modelpool, result, path: Path, cfg: DictConfig, metrics: dict) -> None:
+    if isinstance(result, PerTask):
+        raise FusionBenchError(
+            "This method produces one model per task, not one merged model: "
+            "merged_model_save_path applies only to merging methods."
+        )
+    state = result.state_dict() if isinstance(result, nn.Module) else result
+    path.mkdir(parents=True, exist_ok=True)
+    modelpool.save({k: state[k] for k in state}, path, model_card(cfg, modelpool, metrics))
+    log.info("merged model saved to %s", path)
+
+
+def model_card(cfg: DictConfig, modelpool, metrics: dict) -> str:
+    method = OmegaConf.to_yaml(cfg.method, resolve=True)
+    inputs = json.dumps(modelpool.describe(), indent=2)
+    results = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if k.endswith("acc"))
+    return (
+        f"# Merged model ({cfg.get('method_name')})\n\nWritten by fusion_bench.\n\n"
+        f"## Method and hyper-parameters\n\n```yaml\n{method}```\n\n"
+        f"## Inputs\n\n```json\n{inputs}\n```\n\n## Accuracy\n\n| metric | value |\n|---|---|\n"
+        f"{results}\n"
+    )
+
+
+def dry_run(cfg: DictConfig) -> dict:
+    """Print the resolved config and a memory estimate from checkpoint headers; load nothing."""
+    print(OmegaConf.to_yaml(cfg, resolve=True))
+    modelpool = instantiate(cfg.modelpool, _convert_="all")
+    method = instantiate(cfg.method, _convert_="all")
+    num_params = modelpool.pretrained().num_parameters()
+    n = len(modelpool.expert_names)
+    held = getattr(method, "models_held", 1.0)
+    held = held(n) if callable(held) else held
+    gib = (held + 1.0) * num_params * 4 / 2**30  # + the model being evaluated
+    estimate = {"num_parameters": num_params, "num_experts": n, "models_held": held,
+                "estimated_peak_gib": round(gib, 3)}
+    print(f"memory estimate: image tower {num_params / 1e6:.1f}M params; the method holds ~{held:g} "
+          f"model(s) + the evaluated one in fp32 ≈ {gib:.2f} GiB (+ data batches)")
+    return {"dry_run": True, "memory_estimate": estimate}
+
+
+def format_table(metrics: dict[str, float], tasks: list[str], splits: list[str], title: str) -> str:
+    width = max(len(t) for t in [*tasks, "average"]) + 2
+    header = "task".ljust(width) + "".join(f"{s + ' acc':>16}" for s in splits)
+    lines = [f"== {title} ==", header, "-" * len(header)]
+    for task in tasks:
+        lines.append(task.ljust(width) + "".join(f"{100 * metrics[f'{s}/{task}/acc']:>15.2f}%" for s in splits))
+    lines.append("-" * len(header))
+    lines.append("average".ljust(width) + "".join(f"{100 * metrics[f'{s}/avg_acc']:>15.2f}%" for s in splits))
+    return "\n".join(lines)
+
+
+def peak_memory() -> dict[str, float]:
+    # ru_maxrss is in KiB on Linux (bytes on macOS)
+    scale = 1 if platform.system() == "Darwin" else 1024
+    out = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20}
+    if torch.cuda.is_available():
+        out["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def environment() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    try:
+        revision = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+            text=True, timeout=5,
+        ).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        revision = None
+    return {"python": platform.python_version(), "packages": versions, "git_revision": revision}

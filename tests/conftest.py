@@ -1,0 +1,155 @@
+"""Session fixtures: tiny CLIP models and datasets built offline in temp dirs.
+
+Everything loads through the same code paths as the real checkpoints and hub datasets:
+- a tiny open_clip ViT CLIP (architecture registered from a JSON file, like any custom model);
+- a tiny Hugging Face CLIPModel saved with ``save_pretrained`` (+ a character-level tokenizer);
+- tiny image datasets written as parquet files and read back with ``datasets.load_dataset``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Set before anything imports huggingface_hub/datasets: an accidental download fails loudly.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["WANDB_MODE"] = "offline"
+os.environ["WANDB_SILENT"] = "true"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TASKS = ("mnist", "eurosat")  # real task specs (10 classes each), tiny local data
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    os.environ["FUSION_BENCH_CACHE"] = str(tmp_path_factory.mktemp("fb_cache"))
+
+
+def perturbed(state: dict, seed: int, scale: float = 0.02) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v.clone()
+        for k, v in state.items()
+    }
+
+
+# --- open_clip ---------------------------------------------------------------------------------
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 16, "layers": 2, "width": 32, "patch_size": 8, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def open_clip_pool_files(tmp_path_factory) -> dict:
+    """{'config', 'pretrained', 'experts': {task: path}, 'model_name'} of a tiny open_clip CLIP."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("open_clip_pool")
+    config = root / "fb-tiny-vit.json"
+    config.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    model = open_clip.create_model("fb-tiny-vit", pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "pretrained.safetensors")
+    visual = model.visual.state_dict()
+    experts = {}
+    for i, task in enumerate(TASKS):
+        path = root / f"{task}.safetensors"
+        save_file({k: v.contiguous() for k, v in perturbed(visual, seed=i + 1).items()}, path)
+        experts[task] = str(path)
+    return {"config": str(config), "pretrained": str(root / "pretrained.safetensors"),
+            "experts": experts, "model_name": "fb-tiny-vit", "root": root}
+
+
+# --- Hugging Face ------------------------------------------------------------------------------
+def _char_tokenizer_files(directory: Path) -> int:
+    """A character-level CLIP BPE vocabulary (no merges): enough for CLIPTokenizer offline."""
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return len(vocab)
+
+
+def tiny_hf_config(vocab_size: int, patch_size: int = 8):
+    from transformers import CLIPConfig
+
+    return CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "vocab_size": vocab_size,
+                     "max_position_embeddings": 32, "bos_token_id": vocab_size - 2,
+                     "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 16, "patch_size": patch_size},
+        projection_dim=16,
+    )
+
+
+@pytest.fixture(scope="session")
+def hf_pool_files(tmp_path_factory) -> dict:
+    """A tiny CLIPModel directory + CLIPVisionModel expert directories (transformers-5 layout)."""
+    from transformers import CLIPModel, CLIPTokenizer, CLIPVisionModel
+
+    root = tmp_path_factory.mktemp("hf_pool")
+    pre_dir = root / "pretrained"
+    pre_dir.mkdir()
+    vocab_size = _char_tokenizer_files(pre_dir)
+    CLIPTokenizer(str(pre_dir / "vocab.json"), str(pre_dir / "merges.txt")).save_pretrained(pre_dir)
+    torch.manual_seed(0)
+    config = tiny_hf_config(vocab_size)
+    model = CLIPModel(config)
+    model.save_pretrained(pre_dir)
+    vision_state = {k.removeprefix("vision_model."): v for k, v in model.state_dict().items()
+                    if k.startswith("vision_model.")}
+    experts = {}
+    for i, task in enumerate(TASKS):
+        expert = CLIPVisionModel(config.vision_config)
+        expert.load_state_dict(perturbed(vision_state, seed=i + 1))
+        expert.save_pretrained(root / task)
+        experts[task] = str(root / task)
+    return {"pretrained": str(pre_dir), "experts": experts, "root": root, "vocab_size": vocab_size}
+
+
+# --- datasets ----------------------------------------------------------------------------------
+def write_image_dataset(directory: Path, n_classes: int, sizes: dict[str, int], seed: int) -> Path:
+    """Parquet files train/validation/test with an Image and a ClassLabel column."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=n_classes)}
+    )
+    for split, n in sizes.items():
+        labels = [i % n_classes for i in range(n)]
+        images = [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in labels]
+        ds = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+        ds.to_parquet(str(directory / f"{split}.parquet"))
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_datasets(tmp_path_factory) -> dict[str, str]:
+    """task -> local dataset dir with train (40), validation (10) and test (24) images."""
+    root = tmp_path_factory.mktemp("datasets")
+    return {
+        task: str(write_image_dataset(root / task, 10, {"train": 40, "test": 24}, seed=i))
+        for i, task in enumerate(TASKS)
+    }
+

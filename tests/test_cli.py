@@ -1,0 +1,173 @@
+"""The CLI end to end through Hydra, on tiny local pools and datasets (in-process for speed,
+plus one real subprocess of the console script)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusion_bench.cli import main
+from tests.conftest import TASKS
+from tests.wandb_records import logged_values
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    from hydra.core.global_hydra import GlobalHydra
+
+    argv, sys.argv = sys.argv, ["fusion_bench", *args]
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def dict_override(mapping: dict[str, str]) -> str:
+    return "{" + ",".join(f"{k}:'{v}'" for k, v in mapping.items()) + "}"
+
+
+@pytest.fixture
+def hf_args(hf_pool_files, tiny_datasets) -> list[str]:
+    return [
+        "modelpool=clip_vision",
+        f"modelpool.pretrained='{hf_pool_files['pretrained']}'",
+        f"modelpool.finetuned={dict_override(hf_pool_files['experts'])}",
+        f"suite.tasks=[{','.join(TASKS)}]",
+        f"taskpool.datasets={dict_override(tiny_datasets)}",
+    ]
+
+
+def test_run_end_to_end_hf(hf_args, tmp_path, capsys):
+    from transformers import CLIPVisionModel
+
+    out_dir = tmp_path / "run"
+    code, out, err = run_cli([
+        *hf_args, "method=task_arithmetic", "method.scaling_factor=0.5", "logger=wandb",
+        f"hydra.run.dir={out_dir}", f"merged_model_save_path={tmp_path / 'merged'}",
+        "taskpool.splits=[validation,test]",
+    ], capsys)
+    assert code == 0, err
+    # console table
+    assert "== task_arithmetic ==" in out and "average" in out
+    for task in TASKS:
+        assert task in out
+    # JSON report
+    report = json.loads((out_dir / "report.json").read_text())
+    assert set(report["timings"]) == {"load_s", "merge_s", "evaluate_s"}
+    assert report["memory"]["peak_rss_mib"] > 0
+    assert report["environment"]["packages"]["torch"]
+    assert report["config"]["method"]["scaling_factor"] == 0.5
+    for task in TASKS:
+        assert 0.0 <= report["metrics"][f"test/{task}/acc"] <= 1.0
+        assert f"validation/{task}/acc" in report["metrics"]
+    # W&B offline run with the per-task metrics
+    run_files = list(out_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1, list(out_dir.rglob("*"))
+    logged = logged_values(run_files[0])
+    assert "test/avg_acc" in logged, (sorted(logged), run_files[0].stat().st_size)
+    for task in TASKS:
+        assert logged[f"test/{task}/acc"] == pytest.approx(report["metrics"][f"test/{task}/acc"])
+    assert logged["test/avg_acc"] == pytest.approx(report["metrics"]["test/avg_acc"])
+    assert logged["test/per_task/_type"] == "table-file" and logged["test/per_task/nrows"] == 2
+    # merged model: re-loadable with from_pretrained, equal to the merge
+    merged = CLIPVisionModel.from_pretrained(tmp_path / "merged")
+    assert (tmp_path / "merged" / "README.md").read_text().startswith("# Merged model")
+    from fusion_bench.method.task_arithmetic import task_arithmetic
+    from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
+    from fusion_bench.testing import assert_state_dict_close
+
+    pool = CLIPVisionModelPool(report["config"]["modelpool"]["pretrained"],
+                               report["config"]["modelpool"]["finetuned"])
+    expected = task_arithmetic(pool.pretrained(), [pool.expert(t) for t in pool.expert_names], 0.5)
+    assert_state_dict_close(merged.state_dict(), expected)
+
+
+def test_refuses_to_overwrite_outputs(hf_args, tmp_path, capsys):
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "keep.txt").write_text("mine")
+    code, _, err = run_cli([*hf_args, f"hydra.run.dir={tmp_path / 'r'}", "logger=none",
+                            f"merged_model_save_path={tmp_path / 'merged'}"], capsys)
+    assert code == 2
+    assert "exists and is not empty" in err and "overwrite=true" in err
+    assert "Traceback" not in err
+    assert (tmp_path / "merged" / "keep.txt").read_text() == "mine"
+
+
+def test_open_clip_individual_and_csv_logger(open_clip_pool_files, tiny_datasets, tmp_path, capsys):
+    f = open_clip_pool_files
+    code, out, err = run_cli([
+        "modelpool=open_clip", f"modelpool.model_name={f['model_name']}",
+        f"modelpool.model_config='{f['config']}'", f"modelpool.pretrained='{f['pretrained']}'",
+        f"modelpool.finetuned={dict_override(f['experts'])}", f"suite.tasks=[{','.join(TASKS)}]",
+        f"taskpool.datasets={dict_override(tiny_datasets)}", "method=individual", "logger=csv",
+        f"hydra.run.dir={tmp_path}", "fast_dev_run=true",
+    ], capsys)
+    assert code == 0, err
+    assert "== individual ==" in out
+    metrics_csv = list(tmp_path.rglob("metrics.csv"))
+    assert metrics_csv and "test/avg_acc" in metrics_csv[0].read_text()
+
+
+def test_multirun_sweep_and_report(hf_args, tmp_path, capsys):
+    from fusion_bench.report import main as report_main
+
+    sweep = tmp_path / "sweep"
+    code, _, err = run_cli(["-m", *hf_args, "logger=none", "method.scaling_factor=0.0,1.0",
+                            "taskpool.splits=[validation,test]", f"hydra.sweep.dir={sweep}"], capsys)
+    assert code == 0, err
+    reports = sorted(sweep.glob("*/report.json"))
+    assert [p.parent.name for p in reports] == ["0", "1"]  # keyed by job number
+    assert report_main([str(sweep), "--csv", str(tmp_path / "t.csv")]) == 0
+    out = capsys.readouterr().out
+    assert "Best by validation/avg_acc" in out
+    assert "method.scaling_factor=0.0" in out and "method.scaling_factor=1.0" in out
+    assert (tmp_path / "t.csv").read_text().startswith("job,setting")
+
+
+def test_dry_run_prints_config_and_estimate(hf_args, tmp_path, capsys):
+    code, out, err = run_cli([*hf_args, "dry_run=true", f"hydra.run.dir={tmp_path}"], capsys)
+    assert code == 0, err
+    assert "memory estimate" in out and "scaling_factor" in out
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_unknown_method_names_options(capsys):
+    code, _, err = run_cli(["method=no_such_method"], capsys)
+    assert code != 0
+    assert "no_such_method" in err and "task_arithmetic" in err  # Hydra lists the options
+
+
+def test_missing_checkpoint_is_a_clear_error(hf_args, tmp_path, capsys):
+    args = [a for a in hf_args if not a.startswith("modelpool.finetuned")]
+    code, _, err = run_cli([*args, "modelpool.finetuned={mnist:/nonexistent/mnist,eurosat:/x/y}",
+                            f"hydra.run.dir={tmp_path}", "logger=none"], capsys)
+    assert code == 2
+    assert "/nonexistent/mnist" in err and "Traceback" not in err
+
+
+def test_unknown_task_is_a_clear_error(hf_args, tmp_path, capsys):
+    args = [a for a in hf_args if not a.startswith(("suite.tasks", "taskpool.datasets"))]
+    code, _, err = run_cli([*args, "suite.tasks=[mnist,eurosatt]", f"hydra.run.dir={tmp_path}",
+                            "logger=none"], capsys)
+    assert code == 2, err
+    assert "eurosatt" in err and "eurosat" in err and "Traceback" not in err
+
+
+def test_console_script_help_is_fast_and_lists_groups():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    exe = Path(sys.executable).parent / "fusion_bench"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "fusion_bench"]
+    proc = subprocess.run([*cmd, "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for group in ("method", "modelpool", "taskpool", "suite", "logger"):
+        assert f"{group}:" in proc.stdout
