@@ -1,0 +1,109 @@
+"""Bad input gives one clear FusionBenchError naming the problem and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fusion_bench.checkpoint import LazyStateDict
+from fusion_bench.errors import FusionBenchError
+from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
+from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
+from fusion_bench.runner import validate_pool
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FusionBenchError, match="does not exist"):
+        LazyStateDict([tmp_path / "nope.safetensors"])
+
+
+def test_corrupted_safetensors(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    save_file({"w": torch.ones(64, 64)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated download
+    with pytest.raises(FusionBenchError, match="corrupted or truncated"):
+        lazy = LazyStateDict([path])
+        lazy["w"]
+    path.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(FusionBenchError, match="corrupted or truncated"):
+        LazyStateDict([path])
+
+
+def test_corrupted_torch_file(tmp_path):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(b"\x80\x04garbage")
+    with pytest.raises(FusionBenchError, match="bad.pt"):
+        LazyStateDict([path])
+
+
+def test_nan_in_weights(tmp_path):
+    path = tmp_path / "nan.safetensors"
+    save_file({"w": torch.tensor([1.0, float("nan")])}, path)
+    with pytest.raises(FusionBenchError, match="NaN or Inf"):
+        LazyStateDict([path])["w"]
+    assert torch.isnan(LazyStateDict([path], check_finite=False)["w"]).any()
+
+
+class _Pickled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 2)
+
+
+def test_pickled_module_needs_opt_in(tmp_path):
+    path = tmp_path / "module.pt"
+    torch.save(_Pickled(), path)
+    with pytest.raises(FusionBenchError, match="allow_unsafe_pickle"):
+        LazyStateDict([path])
+    lazy = LazyStateDict([path], allow_unsafe_pickle=True)
+    assert set(lazy) == {"lin.weight", "lin.bias"}
+
+
+def test_plain_torch_state_dict_loads_weights_only(tmp_path):
+    path = tmp_path / "sd.pt"
+    torch.save({"a": torch.ones(2)}, path)
+    assert torch.equal(LazyStateDict([path])["a"], torch.ones(2))
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pool = CLIPVisionModelPool("someone/not-cached-model-xyz", {"mnist": "someone/x_mnist"})
+    with pytest.raises(FusionBenchError, match="huggingface-cli download someone/not-cached"):
+        pool.pretrained()
+
+
+def test_architecture_mismatch(hf_pool_files, tmp_path):
+    from transformers import CLIPVisionModel
+
+    from tests.conftest import tiny_hf_config
+
+    other = CLIPVisionModel(tiny_hf_config(hf_pool_files["vocab_size"], patch_size=4).vision_config)
+    other.save_pretrained(tmp_path / "b16_like")
+    pool = CLIPVisionModelPool(
+        hf_pool_files["pretrained"], {"mnist": str(tmp_path / "b16_like")}
+    )
+    with pytest.raises(FusionBenchError, match="different architecture"):
+        validate_pool(pool)
+
+
+def test_wrong_family(hf_pool_files, open_clip_pool_files):
+    f = open_clip_pool_files
+    pool = OpenCLIPModelPool(
+        f["model_name"], f["pretrained"], {"mnist": hf_pool_files["experts"]["mnist"] + "/model.safetensors"},
+        model_config=f["config"],
+    )
+    with pytest.raises(FusionBenchError, match="lacks"):
+        validate_pool(pool)
+
+
+def test_template_without_placeholder():
+    with pytest.raises(FusionBenchError, match="placeholder"):
+        CLIPVisionModelPool("x", "no-placeholder-here", tasks=["mnist"])
+
+
+def test_unknown_expert(hf_pool_files):
+    pool = CLIPVisionModelPool(hf_pool_files["pretrained"], hf_pool_files["experts"])
+    with pytest.raises(FusionBenchError, match="Did you mean 'mnist'"):
+        pool.expert("mnistt")
