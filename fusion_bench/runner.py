@@ -44,7 +44,8 @@ def run(cfg: DictConfig) -> dict:
 
     seed_everything(cfg.seed, verbose=False)
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
-    fabric = instantiate(cfg.fabric, loggers=loggers)
+    # _convert_: a plain list, or Fabric wraps the ListConfig as one "logger" and log_dict breaks
+    fabric = instantiate(cfg.fabric, loggers=loggers, _convert_="all")
     log.info("fabric: %s, precision %s", fabric.device, cfg.fabric.get("precision"))
 
     # 2. the three parts
@@ -162,10 +163,10 @@ def refuse_to_overwrite(cfg: DictConfig) -> None:
 
 
 def save_merged(modelpool, result, path: Path, cfg: DictConfig, metrics: dict) -> None:
-    if isinstance(result, PerTask):
+    if isinstance(result, (PerTask, ZeroShotClassifier)):
         raise FusionBenchError(
-            "This method produces one model per task, not one merged model: "
-            "merged_model_save_path applies only to merging methods."
+            "This method produces one model per task or an ensemble, not one merged model: "
+            "merged_model_save_path applies only to merging methods. Remove it from the command."
         )
     state = result.state_dict() if isinstance(result, nn.Module) else result
     path.mkdir(parents=True, exist_ok=True)

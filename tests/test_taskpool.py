@@ -94,5 +94,8 @@ def test_bad_configuration():
 
 def test_missing_dataset_offline_is_clear(pool, tmp_path):
     tp = CLIPClassificationTaskPool(tasks=["dtd"], datasets={"dtd": str(tmp_path / "absent")})
+    with pytest.raises(FusionBenchError, match="does not exist"):
+        tp.load_split("dtd", "test")
+    tp = CLIPClassificationTaskPool(tasks=["dtd"], datasets={"dtd": "someone/not-cached-xyz"})
     with pytest.raises(FusionBenchError, match="taskpool.datasets.dtd"):
         tp.load_split("dtd", "test")

@@ -73,17 +73,23 @@ class CLIPClassificationTaskPool:
 
     # -- data --------------------------------------------------------------------------------
     def load_split(self, task: str, split: str):
-        """The task's ``split`` as a ``datasets.Dataset`` (validation carved from train if needed)."""
+        """The task's ``split`` as a ``datasets.Dataset`` (validation carved from train if needed).
+
+        ``split`` is ``test``, ``validation`` or ``train``; where validation is carved out of the
+        training split, ``train`` is the rest of it (data-using merge methods calibrate on it, so
+        validation stays unseen)."""
         spec = self.specs[task]
         if split == "test":
             ds = self._load(spec, spec.test_split)
         elif spec.validation_split is not None:
-            ds = self._load(spec, spec.validation_split)
+            name = spec.validation_split if split == "validation" else spec.train_split
+            ds = self._load(spec, name)
         else:
             train = self._load(spec, spec.train_split)
             n_val = min(int(len(train) * self.validation_fraction), self.validation_max)
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))
-            ds = train.select(sorted(order[:n_val].tolist()))
+            part = order[:n_val] if split == "validation" else order[n_val:]
+            ds = train.select(sorted(part.tolist()))
         if self.max_samples_per_task is not None and len(ds) > self.max_samples_per_task:
             # A seeded subset, not the first rows: some datasets are sorted by class.
             order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(self.seed))
@@ -95,6 +101,11 @@ class CLIPClassificationTaskPool:
 
         source = self.dataset_overrides.get(spec.name) or resolve_dataset_path(spec)
         source = os.path.expanduser(source)
+        if source.startswith(("/", ".")) and not os.path.exists(source):
+            raise FusionBenchError(
+                f"Dataset directory '{source}' of task '{spec.name}' does not exist. Fix the path "
+                f"(taskpool.datasets.{spec.name}) or the task spec's `dataset`."
+            )
         try:
             ds = datasets.load_dataset(source, spec.subset, split=split)
         except ValueError as e:

@@ -1,0 +1,172 @@
+"""Fisher merging (Matena & Raffel, "Merging Models with Fisher-Weighted Averaging", NeurIPS 2022).
+
+Per entry, a Fisher-weighted average of the experts:
+
+    θ = Σ_i c_i (F_i + ε) θ_i / Σ_i c_i (F_i + ε)
+
+with F_i the diagonal Fisher of expert i on unlabeled images of its task, ε =
+``minimal_fisher_weight`` and, when ``normalize_fisher_weight``, c_i = 1 / (‖F_i‖₂ + ε) over all
+of expert i's merged entries (otherwise c_i = 1). This is FusionBench's rule (its common factor
+Σ_j 1/(‖F_j‖+ε) cancels in the ratio).
+
+The Fisher is computed on the expert's zero-shot classifier (the pool's frozen text-tower head for
+the task) under the model's own predicted distribution p, with FusionBench's (MergeLM's) estimator:
+per batch B, g = ∇_θ Σ_{b∈B} Σ_c sqrt(p_bc) · log p_bc (sqrt(p) detached), F += g², and at the end
+F /= number of images. It needs one backward pass per batch; it is not the exact
+E_x Σ_c p_c (∇ log p_c)² (cross terms between classes and images in a batch remain), see the docs.
+
+Run: ``fusion_bench method=fisher_merging``
+Memory: running Σ c(F+ε)θ and Σ c(F+ε) (2 P), one expert's Fisher (1 P), its encoder + gradients
+(2 P): experts are processed one at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from fusion_bench.errors import FusionBenchError
+from fusion_bench.method.base import key_progress
+from fusion_bench.method.calibration import CalibrationData, device_of
+from fusion_bench.tensor_ops import StateDict, expert_tensor, map_keys, mergeable_keys
+
+
+# -- the maths ----------------------------------------------------------------------------------
+def fisher_merging(
+    pretrained: StateDict,
+    finetuned: Sequence[StateDict],
+    fishers: Iterable[Mapping[str, Tensor]],
+    normalize_fisher_weight: bool = True,
+    minimal_fisher_weight: float = 1e-6,
+    exclude_keys: Sequence[str] = (),
+    names: Sequence[str] | None = None,
+    progress=None,
+) -> dict[str, Tensor]:
+    """Fisher-weighted average over state dicts.
+
+    ``fishers`` yields each expert's diagonal Fisher ``{key: tensor like the parameter}`` in
+    order; it is consumed one expert at a time and only the two running sums are kept. A merged
+    key without a Fisher entry counts as F = 0 (its weight is then ε·c_i).
+    """
+    names = list(names) if names is not None else [f"#{i}" for i in range(len(finetuned))]
+    keys = list(mergeable_keys(pretrained, exclude_keys))
+    eps = float(minimal_fisher_weight)
+    numerator: dict[str, Tensor] = {}
+    denominator: dict[str, Tensor] = {}
+    count = 0
+    for expert, fisher, name in zip(finetuned, fishers, names, strict=True):
+        coefficient = 1.0
+        if normalize_fisher_weight:
+            sq = sum(float(fisher[k].double().square().sum()) for k in keys if k in fisher)
+            coefficient = 1.0 / (math.sqrt(sq) + eps)
+        for key in keys:
+            base = pretrained[key]
+            theta = expert_tensor(expert, key, base, name)
+            f = fisher[key].float().cpu() if key in fisher else torch.zeros(base.shape)
+            if f.shape != theta.shape:
+                raise FusionBenchError(
+                    f"Fisher of '{key}' for expert '{name}' has shape {tuple(f.shape)}, the "
+                    f"parameter {tuple(theta.shape)}."
+                )
+            weight = coefficient * (f + eps)
+            if key in numerator:
+                numerator[key] += weight * theta
+                denominator[key] += weight
+            else:
+                numerator[key], denominator[key] = weight * theta, weight
+        count += 1
+    if count == 0:
+        raise FusionBenchError("Fisher merging needs at least one expert.")
+    return map_keys(
+        pretrained,
+        lambda key, _base: numerator.pop(key) / denominator.pop(key),
+        exclude_keys,
+        progress,
+    )
+
+
+# -- the statistic ------------------------------------------------------------------------------
+def diagonal_fisher(
+    model: nn.Module,
+    logits_fn: Callable[[Tensor], Tensor],
+    batches: Iterable[Tensor],
+    device: torch.device | str = "cpu",
+) -> dict[str, Tensor]:
+    """FusionBench's estimator of ``model``'s diagonal Fisher (see the module docstring), keyed by
+    parameter name; ``logits_fn(images) -> (B, C)`` runs the model."""
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    fisher = {k: torch.zeros_like(p) for k, p in params.items()}
+    n_images = 0
+    for images in batches:
+        images = images.to(device)
+        log_probs = torch.log_softmax(logits_fn(images).float(), dim=-1)  # (B, C)
+        objective = (log_probs.detach().exp().sqrt() * log_probs).sum()
+        grads = torch.autograd.grad(objective, list(params.values()), allow_unused=True)
+        for key, grad in zip(params, grads, strict=True):
+            if grad is not None:
+                fisher[key] += grad.detach().square()
+        n_images += images.shape[0]
+    if n_images == 0:
+        raise FusionBenchError("No calibration images: the Fisher needs at least one batch.")
+    return {k: f / n_images for k, f in fisher.items()}
+
+
+def expert_fishers(modelpool, names: Sequence[str], data: CalibrationData, device):
+    """Each expert's Fisher on its own task's training images, computed when asked for."""
+    from tqdm.auto import tqdm
+
+    for name in tqdm(names, desc="Fisher information", unit="expert", leave=False):
+        encoder = modelpool.build_encoder(modelpool.expert(name)).to(device).eval()
+        encoder.requires_grad_(True)
+        classifier = modelpool.classifier(encoder)
+        head = data.head(classifier, name, device)  # (D, C), frozen
+        with torch.enable_grad():
+            fisher = diagonal_fisher(
+                encoder,
+                lambda images, c=classifier, h=head: c.logits(images, h),
+                data.batches(name, classifier.preprocess),
+                device,
+            )
+        del encoder, classifier
+        yield fisher
+
+
+class FisherMerging:
+    models_held = 5.0  # two running sums + one Fisher + the expert's encoder and its gradients
+
+    def __init__(
+        self,
+        num_fisher_examples: int = 256,
+        normalize_fisher_weight: bool = True,
+        minimal_fisher_weight: float = 1e-6,
+        batch_size: int = 32,
+        exclude_keys: list[str] | None = None,
+        datasets: dict[str, str] | None = None,
+        seed: int = 0,
+    ):
+        self.num_fisher_examples = num_fisher_examples
+        self.normalize_fisher_weight = normalize_fisher_weight
+        self.minimal_fisher_weight = minimal_fisher_weight
+        self.batch_size = batch_size
+        self.exclude_keys = list(exclude_keys or [])
+        self.datasets = datasets
+        self.seed = seed
+
+    def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
+        names = modelpool.expert_names
+        data = CalibrationData(
+            names, self.num_fisher_examples, self.batch_size, self.datasets, self.seed
+        )
+        return fisher_merging(
+            modelpool.pretrained(),
+            [modelpool.expert(n) for n in names],
+            expert_fishers(modelpool, names, data, device_of(fabric)),
+            self.normalize_fisher_weight,
+            self.minimal_fisher_weight,
+            self.exclude_keys,
+            names,
+            key_progress("fisher_merging"),
+        )

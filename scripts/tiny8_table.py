@@ -1,0 +1,92 @@
+"""Regenerate the tiny8 results table (docs/tiny8.md, between the RESULTS markers).
+
+    python scripts/tiny8_table.py                 # every method in conf/method/
+    python scripts/tiny8_table.py task_arithmetic ties_merging   # only these (others kept)
+
+Every method runs through the CLI on the default pool (tiny8), evaluated on validation and test.
+A method with a scalar `scaling_factor` is swept over LAMBDA_GRID and the λ with the best
+validation accuracy is reported (test accuracy never selects anything). Results are cached per
+method in docs/tiny8_results.json so that one method can be re-run without the others.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fusion_bench.report import best, collect  # noqa: E402
+
+LAMBDA_GRID = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
+RESULTS = ROOT / "docs" / "tiny8_results.json"
+PAGE = ROOT / "docs" / "tiny8.md"
+BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
+FIRST = ["pretrained", "individual", "simple_average", "task_arithmetic"]
+EXTRA = {  # per-method overrides that keep the table's run time reasonable on a CPU
+}
+
+
+def methods() -> list[str]:
+    names = sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml"))
+    return [m for m in FIRST if m in names] + [m for m in names if m not in FIRST]
+
+
+def run_method(name: str) -> dict:
+    config = yaml.safe_load((ROOT / "conf" / "method" / f"{name}.yaml").read_text()) or {}
+    sweep = isinstance(config.get("scaling_factor"), (int, float))
+    with tempfile.TemporaryDirectory() as tmp:
+        args = [
+            sys.executable, "-m", "fusion_bench", "-m", f"method={name}", "logger=none",
+            "taskpool.splits=[validation,test]", f"hydra.sweep.dir={tmp}",
+            *EXTRA.get(name, []),
+        ]
+        if sweep:
+            args.append(f"method.scaling_factor={LAMBDA_GRID}")
+        print(f"[tiny8_table] {name}{' (λ sweep)' if sweep else ''}", flush=True)
+        subprocess.run(args, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        rows = collect(Path(tmp))
+    winner = best(rows)
+    return {k: v for k, v in winner.items() if k != "job"}
+
+
+def table(results: dict[str, dict]) -> str:
+    tasks = sorted({k.split("/")[1] for r in results.values() for k in r if k.startswith("test/")
+                    and k.endswith("/acc")})
+    short = [t.removeprefix("tiny8_") for t in tasks]
+    lines = [
+        "| method | setting | " + " | ".join(short) + " | test avg | val avg |",
+        "|---|---|" + "---|" * len(tasks) + "---|---|",
+    ]
+    for name in [m for m in methods() if m in results]:
+        r = results[name]
+        common = ("method=", "logger=", "taskpool.splits=")
+        setting = " ".join(t for t in r["setting"].split() if not t.startswith(common)) or "defaults"
+        cells = [f"{100 * r[f'test/{t}/acc']:.1f}" for t in tasks]
+        lines.append(f"| `{name}` | {setting} | " + " | ".join(cells)
+                     + f" | **{100 * r['test/avg_acc']:.1f}** | {100 * r['validation/avg_acc']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for name in argv or methods():
+        results[name] = run_method(name)
+        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    text = PAGE.read_text()
+    if BEGIN not in text:
+        text += f"\n## Results\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN)
+    _, tail = rest.split(END)
+    PAGE.write_text(f"{head}{BEGIN}\n{table(results)}\n{END}{tail}")
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
