@@ -9,6 +9,7 @@ Importing the package is cheap (no torch); the Python API is loaded on first use
 from __future__ import annotations
 
 __version__ = "0.1.0"
+__all__ = ["merge"]
 
 
 def __getattr__(name: str):

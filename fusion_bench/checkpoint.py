@@ -39,7 +39,7 @@ def identity_keys(keys: Sequence[str]) -> dict[str, str]:
 
 
 class _SafetensorsFile:
-    """One open safetensors file (memory-mapped by the library)."""
+    """One safetensors file: header read once, each tensor through a short-lived mapping."""
 
     def __init__(self, path: Path):
         from safetensors import safe_open
@@ -61,8 +61,14 @@ class _SafetensorsFile:
         return tuple(self._handle.get_slice(key).get_shape())
 
     def get(self, key: str) -> Tensor:
+        # A fresh handle per read, closed at once: the tensor is a copy, and pages of a mapping
+        # kept open would stay in this process's RSS, so a merge's peak RSS would grow with every
+        # expert it has read (measured: +8 MB per 8 MB expert) although the memory is reclaimable.
+        from safetensors import safe_open
+
         try:
-            return self._handle.get_tensor(key)
+            with safe_open(str(self.path), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(key)
         except Exception as e:
             raise FusionBenchError(
                 f"Cannot read tensor '{key}' from '{self.path}': {e}. The file is corrupted or "
@@ -185,6 +191,9 @@ class LazyStateDict(Mapping[str, Tensor]):
 
     def __len__(self) -> int:
         return len(self._index)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default would read the tensor
+        return key in self._index
 
     def shape(self, key: str) -> tuple[int, ...]:
         handle, stored = self._index[key]

@@ -6,6 +6,7 @@ logger, merged model, JSON report.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -48,64 +49,77 @@ def run(cfg: DictConfig) -> dict:
     fabric = instantiate(cfg.fabric, loggers=loggers, _convert_="all")
     log.info("fabric: %s, precision %s", fabric.device, cfg.fabric.get("precision"))
 
-    # 2. the three parts
-    t = time.perf_counter()
-    modelpool = instantiate(cfg.modelpool, _convert_="all")
-    log.info("model pool: %s, %d experts %s", type(modelpool).__name__,
-             len(modelpool.expert_names), modelpool.expert_names)
-    method = instantiate(cfg.method, _convert_="all")
-    log.info("method: %s (%s)", method_name, type(method).__name__)
-    taskpool = instantiate(cfg.taskpool, _convert_="all")
-    log.info("task pool: %s, tasks %s, splits %s", type(taskpool).__name__, taskpool.tasks,
-             taskpool.splits)
-    validate_pool(modelpool)
-    timings["load_s"] = time.perf_counter() - t
+    with closing(loggers):  # loggers are finalised even when the job fails
+        # 2. the three parts
+        t = time.perf_counter()
+        modelpool = instantiate(cfg.modelpool, _convert_="all")
+        log.info("model pool: %s, %d experts %s", type(modelpool).__name__,
+                 len(modelpool.expert_names), modelpool.expert_names)
+        method = instantiate(cfg.method, _convert_="all")
+        log.info("method: %s (%s)", method_name, type(method).__name__)
+        taskpool = instantiate(cfg.taskpool, _convert_="all")
+        log.info("task pool: %s, tasks %s, splits %s", type(taskpool).__name__, taskpool.tasks,
+                 taskpool.splits)
+        validate_pool(modelpool)
+        timings["load_s"] = time.perf_counter() - t
 
-    # 3. merge
-    t = time.perf_counter()
-    result = method.run(modelpool, fabric)
-    model = to_classifiers(modelpool, result)
-    timings["merge_s"] = time.perf_counter() - t
-    log.info("merged in %.2f s", timings["merge_s"])
+        # 3. merge
+        t = time.perf_counter()
+        result = method.run(modelpool, fabric)
+        model = to_classifiers(modelpool, result)
+        timings["merge_s"] = time.perf_counter() - t
+        log.info("merged in %.2f s", timings["merge_s"])
 
-    # 4. evaluate
-    t = time.perf_counter()
-    metrics = taskpool.evaluate(model, fabric)
-    timings["evaluate_s"] = time.perf_counter() - t
-    print(format_table(metrics, taskpool.tasks, taskpool.splits, title=method_name))
+        # 4. evaluate
+        t = time.perf_counter()
+        metrics = taskpool.evaluate(model, fabric)
+        timings["evaluate_s"] = time.perf_counter() - t
+        print(format_table(metrics, taskpool.tasks, taskpool.splits, title=method_name))
 
-    # 5. outputs
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        logger.log_metrics(metrics)
-        if hasattr(logger, "log_table"):  # W&B: one row per task, as a table in the run
-            for split in taskpool.splits:
-                rows = [[task, metrics[f"{split}/{task}/acc"], metrics[f"{split}/{task}/loss"]]
-                        for task in taskpool.tasks]
-                logger.log_table(key=f"{split}/per_task", columns=["task", "acc", "loss"], data=rows)
-    if cfg.merged_model_save_path:
-        save_merged(modelpool, result, Path(cfg.merged_model_save_path), cfg, metrics)
-    report = {
-        "method": method_name,
-        "overrides": hydra_overrides(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-        "metrics": metrics,
-        "timings": timings,
-        "memory": peak_memory(),
-        "modelpool": modelpool.describe(),
-        "environment": environment(),
-    }
-    if cfg.report_save_path:
-        path = Path(cfg.report_save_path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=str))
-        log.info("report: %s", path)
-    for logger in loggers:
-        logger.finalize("success")
-        finish = getattr(getattr(logger, "experiment", None), "finish", None)
-        if callable(finish):  # end the W&B run, so the next job in this process starts its own
-            finish()
-    return report
+        # 5. outputs
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            logger.log_metrics(metrics)
+            if hasattr(logger, "log_table"):  # W&B: one row per task, as a table in the run
+                for split in taskpool.splits:
+                    rows = [[task, metrics[f"{split}/{task}/acc"], metrics[f"{split}/{task}/loss"]]
+                            for task in taskpool.tasks]
+                    logger.log_table(key=f"{split}/per_task", columns=["task", "acc", "loss"], data=rows)
+        if cfg.merged_model_save_path:
+            save_merged(modelpool, result, Path(cfg.merged_model_save_path), cfg, metrics)
+        report = {
+            "method": method_name,
+            "overrides": hydra_overrides(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "metrics": metrics,
+            "timings": timings,
+            "memory": peak_memory(),
+            "modelpool": modelpool.describe(),
+            "environment": environment(),
+        }
+        if cfg.report_save_path:
+            path = Path(cfg.report_save_path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2, default=str))
+            log.info("report: %s", path)
+        return report
+
+
+@contextlib.contextmanager
+def closing(loggers: list):
+    """Finalise the loggers (and end the W&B run, so that the next job in this process starts
+    its own instead of appending to this one), whether the job succeeds or fails."""
+    status = "failed"
+    try:
+        yield
+        status = "success"
+    finally:
+        for logger in loggers:
+            logger.finalize(status)
+            # `_experiment`, not `experiment`: the property would start a W&B run just to end it
+            finish = getattr(getattr(logger, "_experiment", None), "finish", None)
+            if callable(finish):
+                finish(exit_code=0 if status == "success" else 1)
 
 
 def hydra_overrides() -> list[str]:

@@ -14,6 +14,7 @@ Conventions:
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -129,3 +130,164 @@ def check_same_architecture(reference: Mapping, other: Mapping, name: str) -> No
                 "was fine-tuned from a different architecture (e.g. ViT-B/16 vs ViT-B/32). Use "
                 "experts of one architecture per pool."
             )
+
+
+# --- Sparsification and consensus: the pieces TIES, DARE and their combinations are built from ---
+
+_HALF_BITS = 16
+_BUCKETS = 1 << _HALF_BITS
+
+
+def _magnitude_bits(t: Tensor) -> Tensor:
+    """|t| as int32 bit patterns, flattened. Non-negative IEEE floats order like their bit patterns
+    read as integers, so selecting on the bits selects on the magnitudes."""
+    return t.detach().to(torch.float32).abs().contiguous().view(torch.int32).reshape(-1)
+
+
+def _count_into(hist: Tensor, buckets: Tensor) -> None:
+    """hist[b] += count of b in ``buckets``, in place (``bincount`` would allocate a fresh
+    histogram per call, which costs more than the counting for small tensors)."""
+    hist.index_add_(0, buckets, torch.ones(1, dtype=hist.dtype).expand(buckets.numel()))
+
+
+def _select_bucket(hist: Tensor, rank: int) -> tuple[int, int]:
+    """The bucket holding the ``rank``-th smallest entry (1-indexed) and its rank inside it."""
+    cumulative = hist.cumsum(0)
+    bucket = int(torch.searchsorted(cumulative, rank))  # first bucket with cumulative >= rank
+    before = int(cumulative[bucket - 1]) if bucket > 0 else 0
+    return bucket, rank - before
+
+
+def kth_smallest_magnitude(chunks: Callable[[], Iterable[Tensor]], rank: int) -> Tensor:
+    """The exact ``rank``-th smallest |x| (1-indexed, like ``torch.kthvalue``) over all entries of
+    the tensors that ``chunks()`` yields, as a float32 scalar.
+
+    Streaming radix selection: pass 1 histograms the high 16 bits of every |x| (2^16 buckets) and
+    finds the bucket of the target; pass 2 histograms the low 16 bits of the entries in that
+    bucket, which pins the exact value. ``chunks`` is called once per pass and must yield the same
+    tensors each time; memory is two histograms plus one chunk, never the concatenation.
+    """
+    high_hist = torch.zeros(_BUCKETS, dtype=torch.int64)
+    for t in chunks():
+        _count_into(high_hist, _magnitude_bits(t) >> _HALF_BITS)
+    total = int(high_hist.sum())
+    if not 1 <= rank <= total:
+        raise ValueError(f"rank {rank} is outside 1..{total}")
+    high, rank_in_bucket = _select_bucket(high_hist, rank)
+
+    low_hist = torch.zeros(_BUCKETS, dtype=torch.int64)
+    for t in chunks():
+        bits = _magnitude_bits(t)
+        _count_into(low_hist, bits[(bits >> _HALF_BITS) == high] & (_BUCKETS - 1))
+    low, _ = _select_bucket(low_hist, rank_in_bucket)
+    return torch.tensor((high << _HALF_BITS) | low, dtype=torch.int32).view(torch.float32)
+
+
+def ties_keep_rank(numel: int, threshold: float) -> int:
+    """Rank (k-th smallest |τ|) of TIES's trim threshold for a task vector of ``numel`` entries
+    and ``threshold`` percent kept. As in the TIES reference code: ``numel − int(numel·k)``, where
+    entries with |τ| ≥ that value are kept, i.e. ⌈k·numel⌉ entries when k·numel is not an integer
+    and k·numel + 1 when it is (with distinct magnitudes). Clamped to 1 so that 100% keeps all
+    (the reference code fails there)."""
+    if not 0.0 <= threshold <= 100.0:
+        raise FusionBenchError(
+            f"TIES threshold {threshold} is not a percentage: give the share of each task vector "
+            "to keep in percent, in [0, 100] (the paper's default is 20)."
+        )
+    return max(1, numel - int(numel * (threshold / 100)))
+
+
+def trim(tau: Tensor, kth_magnitude: Tensor) -> Tensor:
+    """TIES trim: zero the entries with |τ| below the task's threshold (ties with it are kept)."""
+    return tau * (tau.abs() >= kth_magnitude)
+
+
+def elect_sign(trimmed_sum: Tensor) -> Tensor:
+    """TIES sign election: the sign of Σ_i trim(τ_i), per entry. Entries where that sum is 0 get
+    sign 0 here; :func:`resolve_zero_signs` gives them the majority sign of the whole vector."""
+    return torch.sign(trimmed_sum)
+
+
+def majority_sign(sign_sum: float) -> float:
+    """The reference's majority sign: the sign of the sum of all elected signs (whole vector)."""
+    return float((sign_sum > 0) - (sign_sum < 0))
+
+
+def resolve_zero_signs(signs: Tensor, majority: float) -> Tensor:
+    return torch.where(signs == 0, torch.full_like(signs, majority), signs)
+
+
+def agrees(trimmed: Tensor, signs: Tensor) -> Tensor:
+    """Entries of ``trimmed`` kept by the disjoint merge: non-zero and of the elected sign. As in
+    the reference, a sign that is not positive selects the negative entries."""
+    return torch.where(signs > 0, trimmed > 0, trimmed < 0)
+
+
+MERGE_FUNCS = ("sum", "mean", "max")
+
+
+def check_merge_func(merge_func: str) -> None:
+    if merge_func not in MERGE_FUNCS:
+        raise FusionBenchError(
+            f"merge_func '{merge_func}' is not one of {list(MERGE_FUNCS)} (the TIES paper uses "
+            "'mean', FusionBench defaults to 'sum')."
+        )
+
+
+class DisjointMerge:
+    """TIES disjoint merge, accumulated one expert at a time (memory independent of N).
+
+    ``sum`` (FusionBench's default): Σ of the agreeing entries; ``mean`` (the paper): their mean
+    over the experts that agree and are non-zero; ``max``: the largest agreeing magnitude, signed.
+    """
+
+    def __init__(self, signs: Tensor, merge_func: str):
+        check_merge_func(merge_func)
+        self.signs, self.merge_func = signs, merge_func
+        self.acc = torch.zeros_like(signs)
+        self.count = torch.zeros_like(signs) if merge_func == "mean" else None
+
+    def add(self, trimmed: Tensor) -> None:
+        keep = agrees(trimmed, self.signs)
+        if self.merge_func == "max":
+            torch.maximum(self.acc, trimmed.abs() * keep, out=self.acc)
+            return
+        self.acc += trimmed * keep
+        if self.count is not None:
+            self.count += keep
+
+    def result(self) -> Tensor:
+        if self.merge_func == "mean":
+            return self.acc / self.count.clamp(min=1)
+        if self.merge_func == "max":
+            return self.acc * self.signs
+        return self.acc
+
+
+def disjoint_merge(trimmed: Sequence[Tensor], signs: Tensor, merge_func: str) -> Tensor:
+    merger = DisjointMerge(signs, merge_func)
+    for t in trimmed:
+        merger.add(t)
+    return merger.result()
+
+
+def key_seed(seed: int, index: int, key: str) -> int:
+    """A 63-bit seed for (run seed, expert index, state-dict key): random draws per key do not
+    depend on the order keys are visited in, so several passes regenerate the same draws."""
+    digest = hashlib.blake2b(f"{seed}\x1f{index}\x1f{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def dare_drop(
+    tau: Tensor, sparsity_ratio: float, rescale: bool, generator: torch.Generator
+) -> Tensor:
+    """DARE: drop each entry with probability p and, with ``rescale``, divide the rest by 1 − p
+    (which keeps the expectation equal to τ)."""
+    if not 0.0 <= sparsity_ratio < 1.0:
+        raise FusionBenchError(
+            f"sparsity_ratio {sparsity_ratio} must be in [0, 1): it is the probability of "
+            "dropping a task-vector entry (DARE's default is 0.5)."
+        )
+    keep = torch.rand(tau.shape, generator=generator) >= sparsity_ratio
+    dropped = tau * keep
+    return dropped / (1.0 - sparsity_ratio) if rescale else dropped

@@ -1,0 +1,227 @@
+"""Python API: ``fusion_bench.merge(method, pretrained, finetuned, **hyperparameters)``.
+
+The same methods as the CLI, without Hydra. ``method`` is the snake_case name of a config in
+``conf/method/``; that YAML's ``_target_`` is the class (no second registry) and its values are the
+defaults, overridden by the keyword hyper-parameters of the same names. Inputs may be paths
+(safetensors / torch files, or ``save_pretrained`` directories), state dicts, or a model pool.
+
+    merged = fusion_bench.merge("ties_merging", "pre.safetensors",
+                                ["mnist.safetensors", "svhn.safetensors"], scaling_factor=0.4)
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fusion_bench.errors import FusionBenchError, did_you_mean
+
+Source = "str | os.PathLike | Mapping[str, Tensor]"
+
+
+def merge(
+    method: str,
+    pretrained: Any,
+    finetuned: Sequence[Any] | Mapping[str, Any] | None = None,
+    *,
+    save_to: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    **hyperparameters: Any,
+) -> dict:
+    """Merge ``finetuned`` experts of ``pretrained`` with ``method``; return the merged state dict.
+
+    - ``pretrained``: a checkpoint path, a state dict, or a model pool (then omit ``finetuned``).
+    - ``finetuned``: a list of paths / state dicts, or a mapping {expert name: path or state dict}
+      (names matter for per-expert options such as ``weights={name: w}``).
+    - ``save_to``: also write the result as a safetensors file there (an existing file is kept
+      unless ``overwrite=True``).
+    - ``hyperparameters``: the keys of ``conf/method/<method>.yaml``, e.g. ``scaling_factor=0.3``.
+
+    Checkpoint files are read lazily, key by key, as in the CLI.
+    """
+    instance, config = build_method(method, hyperparameters)
+    if save_to is not None and Path(save_to).exists() and not overwrite:
+        raise FusionBenchError(
+            f"save_to '{save_to}' exists. Choose another path, or pass overwrite=True to replace it."
+        )
+    pool = as_pool(pretrained, finetuned, method)
+    result = instance.run(pool, None)
+    state = as_state_dict(result, method)
+    if save_to is not None:
+        from fusion_bench.checkpoint import save_safetensors
+
+        metadata = {
+            "format": "pt",
+            "fusion_bench_method": method,
+            "hyperparameters": json.dumps(config, default=str),
+        }
+        save_safetensors(state, Path(save_to), metadata)
+    return state
+
+
+def build_method(method: str, hyperparameters: Mapping[str, Any]) -> tuple[Any, dict]:
+    """The method's class from its YAML ``_target_``, built with the YAML's values overridden by
+    ``hyperparameters``. Returns (instance, the hyper-parameters used)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from fusion_bench.paths import config_dir
+
+    directory = config_dir() / "method"
+    path = directory / f"{method}.yaml"
+    if not isinstance(method, str) or not path.is_file():
+        known = sorted(p.stem for p in directory.glob("*.yaml"))
+        raise FusionBenchError(
+            f"Unknown method '{method}'. Methods: {', '.join(known)}.{did_you_mean(str(method), known)}"
+        )
+    node = OmegaConf.load(path)
+    try:
+        defaults = OmegaConf.to_container(node, resolve=True)
+    except OmegaConfBaseException:
+        raise FusionBenchError(
+            f"Method '{method}' takes values from the run configuration ({path}); run it with the "
+            f"CLI: fusion_bench method={method} ..."
+        ) from None
+    module, _, name = defaults.pop("_target_").rpartition(".")
+    cls = getattr(importlib.import_module(module), name)
+    valid = set(defaults) | {p for p in inspect.signature(cls).parameters if not p.startswith("_")}
+    unknown = sorted(set(hyperparameters) - valid)
+    if unknown:
+        hints = "".join(did_you_mean(u, valid) for u in unknown)
+        raise FusionBenchError(
+            f"Method '{method}' has no hyper-parameter {', '.join(map(repr, unknown))}. Valid: "
+            f"{', '.join(sorted(valid))}.{hints}"
+        )
+    config = {k: v for k, v in {**defaults, **hyperparameters}.items() if not k.startswith("_")}
+    return cls(**config), config
+
+
+# -- inputs ------------------------------------------------------------------------------------
+def checkpoint_keys(keys: Sequence[str]) -> Mapping[str, str]:
+    """Canonical image-tower keys of any supported layout: Hugging Face CLIP / CLIPVisionModel
+    (transformers 4 or 5) or open_clip (whole CLIP, task_vectors ImageEncoder, bare tower)."""
+    from fusion_bench.modelpool.clip_vision import vision_keys
+    from fusion_bench.modelpool.open_clip import visual_keys
+
+    hf_markers = ("vision_model.", "text_model.", "embeddings.patch_embedding.", "pre_layrnorm.")
+    if any(k.startswith(hf_markers) for k in keys):
+        return vision_keys(keys)
+    return visual_keys(keys)
+
+
+def load(source: Any, name: str):
+    """A state dict as given, or a lazily read checkpoint for a path."""
+    if isinstance(source, Mapping):
+        return source
+    if not isinstance(source, (str, os.PathLike)):
+        raise FusionBenchError(
+            f"'{name}' is a {type(source).__name__}: give a checkpoint path, a save_pretrained "
+            "directory or a state dict (Mapping[str, Tensor])."
+        )
+    from fusion_bench.checkpoint import LazyStateDict, find_weight_files
+    from fusion_bench.paths import resolve_path
+
+    path = Path(resolve_path(str(source)))
+    if path.is_dir():
+        files = find_weight_files(path)
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FusionBenchError(f"Checkpoint '{path}' ({name}) does not exist. Check the path.")
+    return LazyStateDict(files, key_map=checkpoint_keys, name=f"{name} ({path})")
+
+
+def is_pool(obj: Any) -> bool:
+    return hasattr(obj, "expert_names") and callable(getattr(obj, "expert", None))
+
+
+def as_pool(pretrained: Any, finetuned: Any, method: str):
+    if is_pool(pretrained):
+        if finetuned is not None:
+            raise FusionBenchError(
+                "merge() got a model pool and `finetuned`: the pool already lists the experts; "
+                "omit `finetuned`."
+            )
+        return pretrained
+    if finetuned is None:
+        raise FusionBenchError(
+            "merge() needs the fine-tuned experts: pass `finetuned` as a list of paths / state "
+            "dicts or a mapping {name: path}, or pass a model pool as `pretrained`."
+        )
+    if isinstance(finetuned, (str, os.PathLike)) or (
+        isinstance(finetuned, Mapping)
+        and finetuned
+        and not isinstance(next(iter(finetuned.values())), (str, os.PathLike, Mapping))
+    ):
+        raise FusionBenchError(
+            "`finetuned` must be a list of experts or a mapping {expert name: path or state "
+            "dict}, not a single checkpoint (wrap it in a list)."
+        )
+    items = (
+        finetuned.items()
+        if isinstance(finetuned, Mapping)
+        else ((f"#{i}", f) for i, f in enumerate(finetuned))
+    )
+    experts = {str(name): load(source, str(name)) for name, source in items}
+    if not experts:
+        raise FusionBenchError("`finetuned` is empty: give at least one expert.")
+    return StateDictPool(load(pretrained, "pretrained"), experts, method)
+
+
+class StateDictPool:
+    """The part of the model-pool interface that data-free methods use: state dicts only."""
+
+    def __init__(self, pretrained: Mapping, experts: dict[str, Mapping], method: str):
+        from fusion_bench.tensor_ops import check_same_architecture
+
+        for name, expert in experts.items():
+            check_same_architecture(pretrained, expert, name)
+        self._pretrained, self._experts, self._method = pretrained, experts, method
+        self.expert_names = list(experts)
+
+    def pretrained(self) -> Mapping:
+        return self._pretrained
+
+    def expert(self, name: str) -> Mapping:
+        if name not in self._experts:
+            from fusion_bench.modelpool.base import unknown_expert
+
+            raise unknown_expert(name, self.expert_names)
+        return self._experts[name]
+
+    def describe(self) -> dict:
+        return {"family": "state_dicts", "experts": self.expert_names}
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        raise FusionBenchError(
+            f"Method '{self._method}' needs `modelpool.{attr}`: it builds models or uses data, "
+            "which paths and state dicts alone do not give. Pass a model pool as `pretrained` "
+            "(e.g. fusion_bench.modelpool.clip_vision.CLIPVisionModelPool(pretrained=..., "
+            f"finetuned={{task: path}})), or run it with the CLI: fusion_bench method={self._method}"
+        )
+
+
+def as_state_dict(result: Any, method: str) -> dict:
+    import torch
+
+    from fusion_bench.method.base import PerTask
+
+    if isinstance(result, PerTask):
+        raise FusionBenchError(
+            f"Method '{method}' gives one model per task, not one merged model; run it with the CLI."
+        )
+    if isinstance(result, torch.nn.Module):
+        return dict(result.state_dict())
+    if isinstance(result, Mapping):
+        return {k: result[k] for k in result}
+    raise FusionBenchError(
+        f"Method '{method}' returns a {type(result).__name__} (e.g. an output ensemble), not a "
+        "merged state dict; run it with the CLI to evaluate it."
+    )

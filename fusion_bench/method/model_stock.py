@@ -1,0 +1,84 @@
+"""Model Stock (Jang et al., "Model Stock: All We Need Is Just a Few Fine-Tuned Models",
+ECCV 2024).
+
+Per weight tensor (each state-dict key): θ̄ = (1/k) Σ_i θ_i, the angle φ between the task vectors
+τ_i = θ_i − θ0 (averaged over all pairs i < j when k > 2) and
+    t = k·cos φ / (1 + (k − 1)·cos φ),      θ = t·θ̄ + (1 − t)·θ0.
+Like FusionBench and the authors' code: cos φ_ij = <τ_i, τ_j> / (‖τ_i‖‖τ_j‖ + 1e-8), clamped to
+[−1, 1]; the pair angles are averaged as angles (not cosines); 1e-8 is added to t's denominator.
+A key whose task vectors are all zero gets t = 0 (θ0). The reference ignores text-tower keys only
+(position embedding, text projection, logit scale, token embedding, final LayerNorm), which an
+image tower does not have, so nothing is skipped by default.
+
+Run: ``fusion_bench method=model_stock``
+Memory: the merged output + the k task-vector tensors of the current key (for their Gram matrix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fusion_bench.errors import FusionBenchError
+from fusion_bench.method.base import key_progress
+from fusion_bench.tensor_ops import StateDict, expert_tensor, map_keys
+
+EPS = 1e-8  # as the reference code
+
+
+def interpolation_ratio(taus: Tensor) -> Tensor:
+    """t for one key from its stacked, flattened task vectors (k, P)."""
+    k = taus.shape[0]
+    gram = (taus @ taus.T).double()  # (k, k)
+    norms = gram.diagonal().clamp(min=0).sqrt()
+    i, j = torch.triu_indices(k, k, offset=1)
+    cos = (gram[i, j] / (norms[i] * norms[j] + EPS)).clamp(-1.0, 1.0)
+    cos_mean_angle = torch.cos(torch.acos(cos).mean())
+    return k * cos_mean_angle / ((k - 1) * cos_mean_angle + 1 + EPS)
+
+
+def model_stock(
+    pretrained: StateDict,
+    finetuned: Sequence[StateDict],
+    exclude_keys: Sequence[str] = (),
+    names: Sequence[str] | None = None,
+    progress=None,
+) -> dict[str, Tensor]:
+    if len(finetuned) < 2:
+        raise FusionBenchError(
+            f"Model Stock needs at least 2 fine-tuned models (got {len(finetuned)}): the "
+            "interpolation ratio comes from the angle between them."
+        )
+    names = list(names) if names is not None else [f"#{i}" for i in range(len(finetuned))]
+
+    def merge_key(key: str, base: Tensor) -> Tensor:
+        taus = torch.stack(
+            [
+                (expert_tensor(e, key, base, n) - base).reshape(-1)
+                for e, n in zip(finetuned, names, strict=True)
+            ]
+        )  # (k, P)
+        t = interpolation_ratio(taus).item()
+        average = base + taus.mean(0).view_as(base)
+        return t * average + (1.0 - t) * base
+
+    return map_keys(pretrained, merge_key, exclude_keys, progress)
+
+
+class ModelStock:
+    models_held = 1.0  # the output + k tensors of the current key
+
+    def __init__(self, exclude_keys: list[str] | None = None):
+        self.exclude_keys = list(exclude_keys or [])
+
+    def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
+        names = modelpool.expert_names
+        return model_stock(
+            modelpool.pretrained(),
+            [modelpool.expert(n) for n in names],
+            self.exclude_keys,
+            names,
+            key_progress("model_stock"),
+        )

@@ -1,0 +1,284 @@
+"""Closed-form oracles for the data-free elementwise merges (weighted average, TIES, DARE, MagMax,
+Model Stock) and one CLI run of each on the tiny open_clip pool."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fusion_bench.errors import FusionBenchError
+from fusion_bench.method.dare import DroppedExpert, dare
+from fusion_bench.method.magmax import magmax
+from fusion_bench.method.model_stock import model_stock
+from fusion_bench.method.simple_average import simple_average
+from fusion_bench.method.task_arithmetic import task_arithmetic
+from fusion_bench.method.ties_merging import ties_merging, ties_thresholds, ties_trim_and_elect
+from fusion_bench.method.weighted_average import weighted_average, weights_in_order
+from fusion_bench.testing import assert_state_dict_close
+from tests.conftest import TASKS
+from tests.test_cli import dict_override, run_cli
+
+FLOAT_KEYS = ("a.weight", "a.bias", "b.weight")
+
+
+def make_state(seed: int, scale: float = 1.0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a.weight": scale * torch.randn(5, 7, generator=g),  # 35
+        "a.bias": scale * torch.randn(5, generator=g),  # 5
+        "b.weight": scale * torch.randn(8, generator=g),  # 8 -> d = 48 (20% of 48 = 9.6)
+        "pos_ids": torch.arange(4),  # integer buffer: copied from θ0
+    }
+
+
+def expert_of(pre: dict, tau: dict) -> dict:
+    return {k: pre[k] + tau[k] if k in tau else pre[k].clone() for k in pre}
+
+
+@pytest.fixture
+def pool():
+    pre = make_state(0)
+    return pre, [expert_of(pre, make_state(i, 0.1)) for i in (1, 2, 3)]
+
+
+def with_pos(state: dict, pre: dict) -> dict:
+    return {**state, "pos_ids": pre["pos_ids"]}
+
+
+# --- a dense re-statement of the reference TIES on the flattened model (the oracle) ------------
+def dense_ties(pre, fts, scaling_factor, threshold, merge_func):
+    flat = torch.stack([torch.cat([(f[k] - pre[k]).reshape(-1) for k in FLOAT_KEYS]) for f in fts])
+    n, d = flat.shape
+    kth = flat.abs().kthvalue(max(1, d - int(d * threshold / 100)), dim=1, keepdim=True).values
+    trimmed = flat * (flat.abs() >= kth)
+    signs = torch.sign(trimmed.sum(0))
+    signs[signs == 0] = torch.sign(signs.sum())
+    selected = trimmed * torch.where(signs > 0, trimmed > 0, trimmed < 0)
+    if merge_func == "sum":
+        merged = selected.sum(0)
+    elif merge_func == "mean":
+        merged = selected.sum(0) / (selected != 0).sum(0).clamp(min=1)
+    else:
+        merged = selected.abs().max(0).values * signs
+    out, start = {"pos_ids": pre["pos_ids"]}, 0
+    for k in FLOAT_KEYS:
+        size = pre[k].numel()
+        out[k] = pre[k] + scaling_factor * merged[start : start + size].view_as(pre[k])
+        start += size
+    return out
+
+
+# --- weighted average --------------------------------------------------------------------------
+def test_weighted_average_oracles(pool):
+    pre, fts = pool
+    assert_state_dict_close(weighted_average(pre, fts, [2.0, 2.0, 2.0]), simple_average(pre, fts))
+    out = weighted_average(pre, fts, [1.0, 2.0, 3.0])
+    expected = sum(w * f["a.weight"] for w, f in zip((1 / 6, 2 / 6, 3 / 6), fts, strict=True))
+    torch.testing.assert_close(out["a.weight"], expected)
+    raw = weighted_average(pre, fts, [0.5, 0.5, 0.5], normalize=False)  # FusionBench: Σ w θ
+    torch.testing.assert_close(raw["a.bias"], 0.5 * sum(f["a.bias"] for f in fts))
+    assert torch.equal(raw["pos_ids"], pre["pos_ids"])
+    assert weights_in_order({"y": 2, "x": 1}, ["x", "y"]) == [1.0, 2.0]
+    with pytest.raises(FusionBenchError, match="one weight per expert"):
+        weighted_average(pre, fts, [1.0, 2.0])
+    with pytest.raises(FusionBenchError, match="misses"):
+        weights_in_order({"x": 1}, ["x", "y"])
+    with pytest.raises(FusionBenchError, match="needs method.weights"):
+        weights_in_order(None, ["x"])
+
+
+# --- TIES --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("merge_func", ["sum", "mean", "max"])
+@pytest.mark.parametrize("threshold", [20, 50])
+def test_ties_equals_dense_reference(pool, merge_func, threshold):
+    pre, fts = pool
+    out = ties_merging(pre, fts, 0.7, threshold, merge_func)
+    assert_state_dict_close(out, dense_ties(pre, fts, 0.7, threshold, merge_func))
+
+
+def test_ties_lambda_zero_and_identical_experts(pool):
+    pre, fts = pool
+    assert_state_dict_close(ties_merging(pre, fts, 0.0), pre)
+    same = ties_merging(pre, [fts[0]] * 4, scaling_factor=1.0, threshold=100, merge_func="mean")
+    assert_state_dict_close(same, with_pos(fts[0], pre))
+
+
+def test_ties_top100_without_conflicts_is_task_arithmetic_or_average():
+    pre = make_state(0)
+    positive = [
+        expert_of(pre, {k: v.abs() for k, v in make_state(i, 0.1).items() if k in FLOAT_KEYS})
+        for i in (1, 2, 3)
+    ]
+    assert_state_dict_close(
+        ties_merging(pre, positive, 0.4, 100, "sum"), task_arithmetic(pre, positive, 0.4)
+    )
+    assert_state_dict_close(
+        ties_merging(pre, positive, 1.0, 100, "mean"), simple_average(pre, positive)
+    )
+
+
+def test_ties_global_threshold_and_kept_count(pool):
+    pre, fts = pool
+    d = sum(pre[k].numel() for k in FLOAT_KEYS)  # 48: 20% = 9.6
+    thresholds = ties_thresholds(pre, fts, 20)
+    for f, kth in zip(fts, thresholds, strict=True):
+        flat = torch.cat([(f[k] - pre[k]).reshape(-1) for k in FLOAT_KEYS]).abs()
+        assert torch.equal(kth, flat.kthvalue(d - int(d * 0.2)).values)  # one global value
+        assert int((flat >= kth).sum()) == math.ceil(0.2 * d)
+    single = ties_trim_and_elect(pre, fts[:1], 20)[0]  # one expert: nothing disagrees
+    assert sum(int((v != 0).sum()) for v in single.values()) == math.ceil(0.2 * d)
+    assert set(single) == set(FLOAT_KEYS)  # mergeable keys only
+
+
+def test_ties_exact_cancellation_takes_majority_sign():
+    # entry 0 of "b.weight": +0.5 and -0.5 cancel; the other entries elect + (majority +)
+    pre = {"b.weight": torch.zeros(6), "pos_ids": torch.arange(2)}
+    t1 = {"b.weight": torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0, 5.0])}
+    t2 = {"b.weight": torch.tensor([-0.5, 1.0, 2.0, 3.0, 4.0, 5.0])}
+    fts = [expert_of(pre, t1), expert_of(pre, t2)]
+    for func, first in (("sum", 0.5), ("mean", 0.5), ("max", 0.5)):
+        out = ties_merging(pre, fts, 1.0, 100, func)
+        assert out["b.weight"][0].item() == first, func
+    minus = [expert_of(pre, {"b.weight": -t["b.weight"]}) for t in (t1, t2)]
+    assert ties_merging(pre, minus, 1.0, 100, "sum")["b.weight"][0].item() == -0.5
+    kept = ties_trim_and_elect(pre, fts, 100)
+    assert kept[0]["b.weight"][0].item() == 0.5 and kept[1]["b.weight"][0].item() == 0.0
+
+
+def test_ties_trim_and_elect_sums_to_the_merge(pool):
+    pre, fts = pool
+    kept = ties_trim_and_elect(pre, fts, 20)
+    expected = {k: pre[k] + 0.3 * sum(v[k] for v in kept) for k in FLOAT_KEYS}
+    assert_state_dict_close(ties_merging(pre, fts, 0.3, 20, "sum"), with_pos(expected, pre))
+
+
+def test_ties_bad_options_are_clear_errors(pool):
+    pre, fts = pool
+    with pytest.raises(FusionBenchError, match="merge_func"):
+        ties_merging(pre, fts, merge_func="avg")
+    with pytest.raises(FusionBenchError, match="percent"):
+        ties_merging(pre, fts, threshold=-1)
+
+
+# --- DARE --------------------------------------------------------------------------------------
+BASES = {
+    "simple_average": lambda pre, fts: simple_average(pre, fts),
+    "task_arithmetic": lambda pre, fts: task_arithmetic(pre, fts, 0.3),
+    "ties_merging": lambda pre, fts: ties_merging(pre, fts, 0.3, 20, "sum"),
+}
+
+
+@pytest.mark.parametrize("base", list(BASES))
+def test_dare_p0_is_the_base_method(pool, base):
+    pre, fts = pool
+    out = dare(pre, fts, base, sparsity_ratio=0.0, scaling_factor=0.3)
+    assert_state_dict_close(out, BASES[base](pre, fts), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("base", ["simple_average", "task_arithmetic"])
+def test_dare_mean_over_seeds_tends_to_the_base(pool, base):
+    pre, fts = pool
+    runs = [dare(pre, fts, base, 0.5, seed=s, scaling_factor=0.3) for s in range(300)]
+    mean = {k: torch.stack([r[k] for r in runs]).mean(0) for k in FLOAT_KEYS}
+    assert_state_dict_close(with_pos(mean, pre), BASES[base](pre, fts), atol=0.02, rtol=0)
+
+
+def test_dare_is_reproducible_and_order_free(pool):
+    pre, fts = pool
+    a = dare(pre, fts, "ties_merging", 0.5, seed=3)
+    assert_state_dict_close(dare(pre, fts, "ties_merging", 0.5, seed=3), a, atol=0, rtol=0)
+    assert not torch.equal(dare(pre, fts, "ties_merging", 0.5, seed=4)["a.weight"], a["a.weight"])
+    reversed_pre = dict(reversed(list(pre.items())))  # keys visited in another order
+    assert_state_dict_close(dare(reversed_pre, fts, "ties_merging", 0.5, seed=3), a, atol=0, rtol=0)
+
+
+def test_dare_ties_uses_the_dropped_vectors(pool):
+    pre, fts = pool
+    dropped = [
+        {k: v for k, v in DroppedExpert(pre, f, i, 7, 0.5, True).items()} for i, f in enumerate(fts)
+    ]
+    for k in FLOAT_KEYS:  # about half of each task vector is dropped, survivors are ×2
+        tau, kept = fts[0][k] - pre[k], dropped[0][k] - pre[k]
+        nz = kept.abs() > 1e-6
+        torch.testing.assert_close(kept[nz], 2 * tau[nz])
+    assert_state_dict_close(
+        dare(pre, fts, "ties_merging", 0.5, seed=7),
+        dense_ties(pre, dropped, 0.3, 20, "sum"),
+        atol=1e-6,
+    )
+    with pytest.raises(FusionBenchError, match="base"):
+        dare(pre, fts, "magmax")
+
+
+# --- MagMax ------------------------------------------------------------------------------------
+def test_magmax_picks_the_largest_magnitude():
+    pre = {"w": torch.tensor([1.0, 1.0, 1.0, 1.0]), "pos_ids": torch.arange(2)}
+    taus = [torch.tensor([0.1, -0.9, 0.0, 0.5]), torch.tensor([-0.3, 0.2, 0.0, -0.5])]
+    fts = [expert_of(pre, {"w": t}) for t in taus]
+    out = magmax(pre, fts, scaling_factor=0.5)
+    torch.testing.assert_close(out["w"], 1.0 + 0.5 * torch.tensor([-0.3, -0.9, 0.0, 0.5]))
+    assert_state_dict_close(magmax(pre, fts, 0.0), pre)
+    assert_state_dict_close(magmax(pre, [fts[1]] * 3, 1.0), fts[1])
+
+
+# --- Model Stock -------------------------------------------------------------------------------
+def test_model_stock_closed_form_two_experts():
+    pre = {"w": torch.tensor([1.0, 2.0]), "v": torch.tensor([0.0, 0.0]), "n": torch.arange(2)}
+    fts = [
+        expert_of(pre, {"w": torch.tensor([1.0, 0.0]), "v": torch.tensor([1.0, 0.0])}),
+        expert_of(pre, {"w": torch.tensor([1.0, 1.0]), "v": torch.tensor([0.0, 1.0])}),
+    ]
+    out = model_stock(pre, fts)
+    cos = 1 / math.sqrt(2)
+    t = 2 * cos / (1 + cos)  # k = 2
+    torch.testing.assert_close(out["w"], pre["w"] + t * torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(out["v"], pre["v"])  # orthogonal task vectors: t = 0
+    assert torch.equal(out["n"], pre["n"])
+    assert_state_dict_close(model_stock(pre, [fts[0]] * 3), fts[0])  # identical: t = 1
+
+
+def test_model_stock_averages_pair_angles():
+    pre = {"w": torch.zeros(2)}
+    taus = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])]
+    out = model_stock(pre, [{"w": t} for t in taus])
+    angle = (math.pi / 4 + math.pi / 2 + math.pi / 4) / 3  # mean of the three pair angles
+    t = 3 * math.cos(angle) / (1 + 2 * math.cos(angle))
+    torch.testing.assert_close(out["w"], t * torch.stack(taus).mean(0))
+    with pytest.raises(FusionBenchError, match="at least 2"):
+        model_stock(pre, [{"w": taus[0]}])
+
+
+# --- each method from the CLI ------------------------------------------------------------------
+CLI_METHODS = {
+    "weighted_average": ["method.weights=[1,3]"],
+    "ties_merging": [],
+    "dare": ["method.base=ties_merging"],
+    "magmax": [],
+    "model_stock": [],
+}
+
+
+@pytest.mark.parametrize("method", list(CLI_METHODS))
+def test_method_runs_from_the_cli(method, open_clip_pool_files, tiny_datasets, tmp_path, capsys):
+    f = open_clip_pool_files
+    code, out, err = run_cli(
+        [
+            "modelpool=open_clip",
+            f"modelpool.model_name={f['model_name']}",
+            f"modelpool.model_config='{f['config']}'",
+            f"modelpool.pretrained='{f['pretrained']}'",
+            f"modelpool.finetuned={dict_override(f['experts'])}",
+            f"suite.tasks=[{','.join(TASKS)}]",
+            f"taskpool.datasets={dict_override(tiny_datasets)}",
+            f"method={method}",
+            *CLI_METHODS[method],
+            "logger=none",
+            "fast_dev_run=true",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert f"== {method} ==" in out
