@@ -47,6 +47,7 @@ def run(cfg: DictConfig) -> dict:
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
     # _convert_: a plain list, or Fabric wraps the ListConfig as one "logger" and log_dict breaks
     fabric = instantiate(cfg.fabric, loggers=loggers, _convert_="all")
+    fabric.launch()  # no-op on one device; starts the other processes when fabric.devices > 1
     log.info("fabric: %s, precision %s", fabric.device, cfg.fabric.get("precision"))
 
     with closing(loggers):  # loggers are finalised even when the job fails

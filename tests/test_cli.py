@@ -13,7 +13,7 @@ import pytest
 
 from fusion_bench.cli import main
 from tests.conftest import TASKS
-from tests.wandb_records import logged_values
+from tests.wandb_records import wait_for_logged
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
@@ -73,8 +73,7 @@ def test_run_end_to_end_hf(hf_args, tmp_path, capsys):
     # W&B offline run with the per-task metrics
     run_files = list(out_dir.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(run_files) == 1, list(out_dir.rglob("*"))
-    logged = logged_values(run_files[0])
-    assert "test/avg_acc" in logged, (sorted(logged), run_files[0].stat().st_size)
+    logged = wait_for_logged(run_files[0], "test/per_task/nrows")
     for task in TASKS:
         assert logged[f"test/{task}/acc"] == pytest.approx(report["metrics"][f"test/{task}/acc"])
     assert logged["test/avg_acc"] == pytest.approx(report["metrics"]["test/avg_acc"])

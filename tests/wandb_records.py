@@ -50,3 +50,14 @@ def logged_values(path: Path) -> dict:
                 key = item.key or "/".join(item.nested_key)
                 values[key] = json.loads(item.value_json)
     return values
+
+
+def wait_for_logged(path: Path, key: str, timeout: float = 30.0) -> dict:
+    """``logged_values`` once ``key`` is in the file: W&B's service process finishes writing the
+    offline run file shortly after ``finish()`` returns, so a reader must poll (bounded)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while key not in (logged := logged_values(path)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return logged

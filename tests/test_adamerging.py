@@ -1,0 +1,182 @@
+"""AdaMerging oracles on the tiny pools: λ fixed → task arithmetic, entropy goes down, λ stays in
+[0, 1], saved λ reproduce the merge, layer-wise with equal λ = task-wise; plus CLI runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fusion_bench.errors import FusionBenchError
+from fusion_bench.method.adamerging import (
+    AdaMerging,
+    entropy,
+    merge_with_lambdas,
+    stack_task_vectors,
+)
+from fusion_bench.method.task_arithmetic import task_arithmetic
+from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
+from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
+from fusion_bench.testing import assert_state_dict_close
+from tests.conftest import TASKS
+from tests.test_cli import dict_override, run_cli
+from tests.wandb_records import wait_for_logged
+
+
+@pytest.fixture
+def open_clip_pool(open_clip_pool_files):
+    f = open_clip_pool_files
+    return OpenCLIPModelPool(
+        f["model_name"], f["pretrained"], f["experts"], model_config=f["config"]
+    )
+
+
+@pytest.fixture
+def hf_pool(hf_pool_files):
+    return CLIPVisionModelPool(hf_pool_files["pretrained"], hf_pool_files["experts"])
+
+
+def method(tiny_datasets, **kw) -> AdaMerging:
+    kw = {"max_steps": 3, "batch_size": 24, "datasets": tiny_datasets, **kw}
+    return AdaMerging(**kw)
+
+
+def experts(pool):
+    return [pool.expert(n) for n in pool.expert_names]
+
+
+# -- pure pieces -----------------------------------------------------------------------------
+def test_merge_closed_form_and_layer_wise_equals_task_wise():
+    g = torch.Generator().manual_seed(0)
+    pre = {"w": torch.randn(3, 2, generator=g), "b": torch.randn(3, generator=g)}
+    fts = [{k: v + torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(2)]
+    tvs = stack_task_vectors(pre, fts, ["w", "b"])
+    lam = torch.tensor([0.2, 0.7])
+    expected = {k: pre[k] + 0.2 * (fts[0][k] - pre[k]) + 0.7 * (fts[1][k] - pre[k]) for k in pre}
+    assert_state_dict_close(merge_with_lambdas(pre, tvs, lam), expected)
+    layer = lam[:, None].expand(2, 2).clone()  # (N, L): the same λ for every tensor
+    assert_state_dict_close(merge_with_lambdas(pre, tvs, layer), expected)
+    # bfloat16 task vectors: close to the float32 merge
+    tvs16 = stack_task_vectors(pre, fts, ["w", "b"], torch.bfloat16)
+    assert_state_dict_close(merge_with_lambdas(pre, tvs16, lam), expected, atol=3e-2, rtol=1e-2)
+
+
+def test_entropy_closed_form():
+    assert entropy(torch.zeros(4, 10)).item() == pytest.approx(torch.log(torch.tensor(10.0)).item())
+    assert entropy(torch.tensor([[100.0, 0.0, 0.0]])).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# -- the method on the tiny pools ------------------------------------------------------------
+@pytest.mark.parametrize("granularity", ["task", "layer"])
+def test_lr_zero_is_task_arithmetic(open_clip_pool, tiny_datasets, granularity):
+    merged = method(tiny_datasets, granularity=granularity, lr=0.0, max_steps=2).run(open_clip_pool)
+    expected = task_arithmetic(open_clip_pool.pretrained(), experts(open_clip_pool), 0.3)
+    assert_state_dict_close(merged, expected)
+
+
+def test_plusplus_lr_zero_is_ties_sum(open_clip_pool, tiny_datasets):
+    # AdaMerging++ with λ fixed at 0.3 = TIES with the disjoint *sum* scaled by 0.3
+    from fusion_bench.method.ties_merging import ties_merging
+
+    merged = method(tiny_datasets, granularity="task", lr=0.0, max_steps=1, ties_threshold=20).run(
+        open_clip_pool
+    )
+    expected = ties_merging(open_clip_pool.pretrained(), experts(open_clip_pool), 0.3, 20, "sum")
+    assert_state_dict_close(merged, expected)
+
+
+def test_entropy_decreases_and_lambda_in_bounds(hf_pool, tiny_datasets):
+    # batch = the whole test split (24 images): the loss is a deterministic function of λ
+    m = method(tiny_datasets, lr=0.05, max_steps=15, log_every=1)
+    m.run(hf_pool)
+    losses = [r["tta/loss"] for r in m.history]
+    assert losses[-1] < losses[0] - 1e-4, losses
+    assert set(m.history[0]) >= {"tta/loss", *(f"tta/{t}/entropy" for t in TASKS)}
+
+
+def test_lambda_clamped_with_large_lr(open_clip_pool, tiny_datasets, tmp_path):
+    stem = tmp_path / "w"
+    method(tiny_datasets, lr=10.0, max_steps=3, save_weights=str(stem)).run(open_clip_pool)
+    lam = torch.tensor(json.loads(stem.with_suffix(".json").read_text())["lambdas"])
+    assert lam.shape[0] == len(TASKS) and lam.min() >= 0.0 and lam.max() <= 1.0
+    assert ((lam == 0.0) | (lam == 1.0)).any()  # the steps really left the interval
+
+
+def test_saved_lambdas_reproduce_the_merge(open_clip_pool, tiny_datasets, tmp_path):
+    stem = tmp_path / "out" / "adamerging_weights"
+    adapted = method(tiny_datasets, lr=0.05, save_weights=str(stem)).run(open_clip_pool)
+    for suffix in (".safetensors", ".json"):
+        reloaded = AdaMerging(weights=str(stem.with_suffix(suffix))).run(open_clip_pool)
+        assert_state_dict_close(reloaded, adapted, atol=0, rtol=0)
+    with pytest.raises(FusionBenchError, match="ties_threshold"):
+        AdaMerging(weights=str(stem) + ".json", ties_threshold=20).run(open_clip_pool)
+    with pytest.raises(FusionBenchError, match="does not exist"):
+        AdaMerging(weights=str(tmp_path / "nope.json")).run(open_clip_pool)
+
+
+def test_constructor_checks_and_memory_estimate():
+    with pytest.raises(FusionBenchError, match="granularity"):
+        AdaMerging(granularity="block")
+    with pytest.raises(FusionBenchError, match="percentage"):
+        AdaMerging(ties_threshold=150)
+    # θ0 + merged params + their gradient + N task vectors at 4 or 2 bytes per element
+    assert AdaMerging().models_held(8) == 11.0
+    assert AdaMerging(task_vector_dtype="bfloat16").models_held(8) == 7.0
+
+
+# -- CLI -------------------------------------------------------------------------------------
+@pytest.fixture
+def cli_args(hf_pool_files, tiny_datasets) -> list[str]:
+    return [
+        "modelpool=clip_vision",
+        f"modelpool.pretrained='{hf_pool_files['pretrained']}'",
+        f"modelpool.finetuned={dict_override(hf_pool_files['experts'])}",
+        f"suite.tasks=[{','.join(TASKS)}]",
+        f"taskpool.datasets={dict_override(tiny_datasets)}",
+        "method=adamerging_layer_wise",
+        "method.max_steps=2",
+        "method.batch_size=8",
+        "logger=none",
+    ]
+
+
+def test_cli_run_then_reload(cli_args, tmp_path, capsys):
+    code, out, err = run_cli(
+        [*cli_args, "logger=wandb", "method.log_every=1", f"hydra.run.dir={tmp_path / 'a'}"], capsys
+    )
+    assert code == 0, err
+    assert "== adamerging_layer_wise ==" in out
+    (run_file,) = (tmp_path / "a").glob("wandb/offline-run-*/run-*.wandb")
+    logged = wait_for_logged(run_file, "test/avg_acc")
+    for key in (
+        "tta/loss",
+        "tta/lambda_mean",
+        "tta/lambda_min",
+        "tta/lambda_max",
+        "test/avg_acc",
+        *(f"tta/{t}/entropy" for t in TASKS),
+    ):
+        assert key in logged, sorted(logged)
+    weights = tmp_path / "a" / "adamerging_weights.json"
+    assert weights.is_file()
+    first = json.loads((tmp_path / "a" / "report.json").read_text())["metrics"]
+    code, _, err = run_cli(
+        [*cli_args, f"hydra.run.dir={tmp_path / 'b'}", f"method.weights='{weights}'"], capsys
+    )
+    assert code == 0, err
+    again = json.loads((tmp_path / "b" / "report.json").read_text())["metrics"]
+    assert again == pytest.approx(first)
+
+
+def test_cli_sweep(cli_args, tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    code, _, err = run_cli(
+        ["-m", *cli_args, "method.lr=0.0,0.01", f"hydra.sweep.dir={sweep}"], capsys
+    )
+    assert code == 0, err
+    assert sorted(p.parent.name for p in sweep.glob("*/adamerging_weights.safetensors")) == [
+        "0",
+        "1",
+    ]
+    assert len(list(sweep.glob("*/report.json"))) == 2
