@@ -254,7 +254,7 @@ def unlabeled_batches(data, task: str, preprocess, seed: int) -> Iterator[Tensor
     ds = data.load_split(task, "test")
     spec = data.specs[task]
     for epoch in itertools.count():
-        for images, _labels in data._loader(
+        for images, _labels in data.loader(
             ds.shuffle(seed=seed + epoch, keep_in_memory=True), spec, preprocess
         ):
             yield images

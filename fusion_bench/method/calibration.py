@@ -52,7 +52,7 @@ class CalibrationData:
     def batches(self, task: str, preprocess) -> Iterator[Tensor]:
         """(B, 3, H, W) CPU batches of ``task``'s training images; labels are never read."""
         ds = self._data.load_split(task, "train")
-        for images, _labels in self._data._loader(ds, self._data.specs[task], preprocess):
+        for images, _labels in self._data.loader(ds, self._data.specs[task], preprocess):
             yield images
 
     def head(self, classifier: ZeroShotClassifier, task: str, device) -> Tensor:

@@ -136,7 +136,8 @@ class CLIPClassificationTaskPool:
             f"`taskpool.datasets.{spec.name}=<local dataset directory>`."
         )
 
-    def _loader(self, ds, spec: TaskSpec, preprocess):
+    def loader(self, ds, spec: TaskSpec, preprocess):
+        """Batches ``(images (B,3,H,W), labels (B,))`` of ``ds`` in order, preprocessed."""
         image_col, label_col = spec.image_column, spec.label_column
 
         def transform(batch: dict) -> dict:
@@ -196,7 +197,7 @@ class CLIPClassificationTaskPool:
                 head = self.zero_shot_head(classifier, task, device)
                 ds = self.load_split(task, split)
                 correct, total, loss_sum = 0, 0, 0.0
-                batches = self._loader(ds, spec, classifier.preprocess)
+                batches = self.loader(ds, spec, classifier.preprocess)
                 n_batches = 1 if self.fast_dev_run else len(batches)
                 for i, (images, labels) in enumerate(
                     tqdm(batches, total=n_batches, desc=f"{split}/{task}", leave=False)

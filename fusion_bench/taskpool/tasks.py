@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from fusion_bench.errors import FusionBenchError, did_you_mean
+from fusion_bench.paths import PACKAGE_DIR, PACKAGE_PREFIX
 
 __all__ = [
     "DATA_PREFIX",
@@ -32,8 +33,8 @@ __all__ = [
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 # Small datasets shipped inside the package (test fixtures, toy tasks) are referenced as
 # "fusion_bench:<path>" so a spec stays valid wherever the package is installed.
-DATA_PREFIX = "fusion_bench:"
-_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_PREFIX = PACKAGE_PREFIX
+_DATA_DIR = PACKAGE_DIR / "data"
 
 # The one placeholder a template may use. A named field (not "{}") so that a template written for
 # str.format with positional args fails loudly instead of silently formatting the wrong thing.
