@@ -84,7 +84,11 @@ class _TorchFile:
         obj = _torch_load(path, allow_unsafe_pickle)
         if isinstance(obj, torch.nn.Module):
             obj = obj.state_dict()
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+        if (
+            isinstance(obj, Mapping)
+            and "state_dict" in obj
+            and isinstance(obj["state_dict"], Mapping)
+        ):
             obj = obj["state_dict"]  # training checkpoints wrap the weights
         if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
             raise FusionBenchError(
@@ -239,7 +243,9 @@ def files_fingerprint(files: list[Path]) -> str:
     return "|".join(parts)
 
 
-def save_safetensors(state_dict: Mapping[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+def save_safetensors(
+    state_dict: Mapping[str, Tensor], path: Path, metadata: dict[str, str]
+) -> None:
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,11 +26,13 @@ def collect(sweep_dir: Path) -> list[dict]:
         report = json.loads(path.read_text())
         if "metrics" not in report:
             continue  # a dry run
-        rows.append({
-            "job": str(path.parent.relative_to(sweep_dir)),
-            "setting": " ".join(report.get("overrides") or []) or "(defaults)",
-            **report["metrics"],
-        })
+        rows.append(
+            {
+                "job": str(path.parent.relative_to(sweep_dir)),
+                "setting": " ".join(report.get("overrides") or []) or "(defaults)",
+                **report["metrics"],
+            }
+        )
     return rows
 
 
@@ -40,8 +42,10 @@ def best(rows: list[dict]) -> dict | None:
 
 
 def columns(rows: list[dict]) -> list[str]:
-    metric_cols = sorted({k for r in rows for k in r if k.endswith("acc")},
-                         key=lambda k: (not k.endswith("avg_acc"), k))
+    metric_cols = sorted(
+        {k for r in rows for k in r if k.endswith("acc")},
+        key=lambda k: (not k.endswith("avg_acc"), k),
+    )
     return ["job", "setting", *metric_cols]
 
 
@@ -49,18 +53,24 @@ def to_markdown(rows: list[dict]) -> str:
     cols = columns(rows)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        cells = [f"{100 * r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+        cells = [
+            f"{100 * r[c]:.2f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     winner = best(rows)
     if winner is None:
-        lines.append(f"\nNo {SELECT_BY} in these reports: re-run the sweep with "
-                     "`taskpool.splits=[validation,test]` to select a setting (test accuracy is "
-                     "never used for selection).")
+        lines.append(
+            f"\nNo {SELECT_BY} in these reports: re-run the sweep with "
+            "`taskpool.splits=[validation,test]` to select a setting (test accuracy is "
+            "never used for selection)."
+        )
     else:
         test = winner.get("test/avg_acc")
-        lines.append(f"\nBest by {SELECT_BY}: `{winner['setting']}` (job {winner['job']}): "
-                     f"validation {100 * winner[SELECT_BY]:.2f}%"
-                     + (f", test {100 * test:.2f}%" if test is not None else ""))
+        lines.append(
+            f"\nBest by {SELECT_BY}: `{winner['setting']}` (job {winner['job']}): "
+            f"validation {100 * winner[SELECT_BY]:.2f}%"
+            + (f", test {100 * test:.2f}%" if test is not None else "")
+        )
     return "\n".join(lines)
 
 
@@ -75,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = collect(args.sweep_dir)
     if not rows:
-        print(f"fusion_bench-report: error: no report.json under '{args.sweep_dir}'. Is it the "
-              "sweep directory of a `fusion_bench -m ...` run?", file=sys.stderr)
+        print(
+            f"fusion_bench-report: error: no report.json under '{args.sweep_dir}'. Is it the "
+            "sweep directory of a `fusion_bench -m ...` run?",
+            file=sys.stderr,
+        )
         return 2
     text = to_markdown(rows)
     print(text)

@@ -27,8 +27,17 @@ from fusion_bench.modelpool.base import ZeroShotClassifier
 from fusion_bench.tensor_ops import check_same_architecture
 
 log = logging.getLogger("fusion_bench")
-PACKAGES = ("fusion_bench", "torch", "open_clip_torch", "transformers", "lightning", "hydra-core",
-            "datasets", "safetensors", "wandb")
+PACKAGES = (
+    "fusion_bench",
+    "torch",
+    "open_clip_torch",
+    "transformers",
+    "lightning",
+    "hydra-core",
+    "datasets",
+    "safetensors",
+    "wandb",
+)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -54,13 +63,21 @@ def run(cfg: DictConfig) -> dict:
         # 2. the three parts
         t = time.perf_counter()
         modelpool = instantiate(cfg.modelpool, _convert_="all")
-        log.info("model pool: %s, %d experts %s", type(modelpool).__name__,
-                 len(modelpool.expert_names), modelpool.expert_names)
+        log.info(
+            "model pool: %s, %d experts %s",
+            type(modelpool).__name__,
+            len(modelpool.expert_names),
+            modelpool.expert_names,
+        )
         method = instantiate(cfg.method, _convert_="all")
         log.info("method: %s (%s)", method_name, type(method).__name__)
         taskpool = instantiate(cfg.taskpool, _convert_="all")
-        log.info("task pool: %s, tasks %s, splits %s", type(taskpool).__name__, taskpool.tasks,
-                 taskpool.splits)
+        log.info(
+            "task pool: %s, tasks %s, splits %s",
+            type(taskpool).__name__,
+            taskpool.tasks,
+            taskpool.splits,
+        )
         validate_pool(modelpool)
         timings["load_s"] = time.perf_counter() - t
 
@@ -83,9 +100,13 @@ def run(cfg: DictConfig) -> dict:
             logger.log_metrics(metrics)
             if hasattr(logger, "log_table"):  # W&B: one row per task, as a table in the run
                 for split in taskpool.splits:
-                    rows = [[task, metrics[f"{split}/{task}/acc"], metrics[f"{split}/{task}/loss"]]
-                            for task in taskpool.tasks]
-                    logger.log_table(key=f"{split}/per_task", columns=["task", "acc", "loss"], data=rows)
+                    rows = [
+                        [task, metrics[f"{split}/{task}/acc"], metrics[f"{split}/{task}/loss"]]
+                        for task in taskpool.tasks
+                    ]
+                    logger.log_table(
+                        key=f"{split}/per_task", columns=["task", "acc", "loss"], data=rows
+                    )
         if cfg.merged_model_save_path:
             save_merged(modelpool, result, Path(cfg.merged_model_save_path), cfg, metrics)
         report = {
@@ -164,7 +185,11 @@ def refuse_to_overwrite(cfg: DictConfig) -> None:
     if cfg.get("overwrite"):
         return
     model_path = cfg.get("merged_model_save_path")
-    if model_path and Path(model_path).exists() and any(Path(model_path).iterdir() if Path(model_path).is_dir() else [True]):
+    if (
+        model_path
+        and Path(model_path).exists()
+        and any(Path(model_path).iterdir() if Path(model_path).is_dir() else [True])
+    ):
         raise FusionBenchError(
             f"merged_model_save_path '{model_path}' exists and is not empty. Choose another path, "
             "or pass overwrite=true to replace it."
@@ -211,10 +236,16 @@ def dry_run(cfg: DictConfig) -> dict:
     held = getattr(method, "models_held", 1.0)
     held = held(n) if callable(held) else held
     gib = (held + 1.0) * num_params * 4 / 2**30  # + the model being evaluated
-    estimate = {"num_parameters": num_params, "num_experts": n, "models_held": held,
-                "estimated_peak_gib": round(gib, 3)}
-    print(f"memory estimate: image tower {num_params / 1e6:.1f}M params; the method holds ~{held:g} "
-          f"model(s) + the evaluated one in fp32 ≈ {gib:.2f} GiB (+ data batches)")
+    estimate = {
+        "num_parameters": num_params,
+        "num_experts": n,
+        "models_held": held,
+        "estimated_peak_gib": round(gib, 3),
+    }
+    print(
+        f"memory estimate: image tower {num_params / 1e6:.1f}M params; the method holds ~{held:g} "
+        f"model(s) + the evaluated one in fp32 ≈ {gib:.2f} GiB (+ data batches)"
+    )
     return {"dry_run": True, "memory_estimate": estimate}
 
 
@@ -223,9 +254,14 @@ def format_table(metrics: dict[str, float], tasks: list[str], splits: list[str],
     header = "task".ljust(width) + "".join(f"{s + ' acc':>16}" for s in splits)
     lines = [f"== {title} ==", header, "-" * len(header)]
     for task in tasks:
-        lines.append(task.ljust(width) + "".join(f"{100 * metrics[f'{s}/{task}/acc']:>15.2f}%" for s in splits))
+        lines.append(
+            task.ljust(width)
+            + "".join(f"{100 * metrics[f'{s}/{task}/acc']:>15.2f}%" for s in splits)
+        )
     lines.append("-" * len(header))
-    lines.append("average".ljust(width) + "".join(f"{100 * metrics[f'{s}/avg_acc']:>15.2f}%" for s in splits))
+    lines.append(
+        "average".ljust(width) + "".join(f"{100 * metrics[f'{s}/avg_acc']:>15.2f}%" for s in splits)
+    )
     return "\n".join(lines)
 
 
@@ -248,10 +284,16 @@ def environment() -> dict:
         except PackageNotFoundError:
             versions[name] = None
     try:
-        revision = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-            text=True, timeout=5,
-        ).stdout.strip() or None
+        revision = (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                cwd=Path(__file__).parent,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         revision = None
     return {"python": platform.python_version(), "packages": versions, "git_revision": revision}

@@ -100,7 +100,9 @@ def add_weighted_task_vectors(
     return map_keys(pretrained, merge_key, exclude, progress)
 
 
-def task_vector(pretrained: StateDict, finetuned: StateDict, exclude: Sequence[str] = ()) -> dict[str, Tensor]:
+def task_vector(
+    pretrained: StateDict, finetuned: StateDict, exclude: Sequence[str] = ()
+) -> dict[str, Tensor]:
     """τ = θ_ft − θ0 over the mergeable keys (float32). Materialises one model's worth of tensors:
     for algorithms that need whole task vectors at once, not for streaming merges."""
     return {

@@ -9,12 +9,18 @@ from torch import Tensor
 
 
 def assert_state_dict_close(
-    actual: Mapping[str, Tensor], expected: Mapping[str, Tensor], atol: float = 1e-6, rtol: float = 1e-5
+    actual: Mapping[str, Tensor],
+    expected: Mapping[str, Tensor],
+    atol: float = 1e-6,
+    rtol: float = 1e-5,
 ) -> None:
     """Same keys, and every tensor close (compared in float32)."""
     assert set(actual) == set(expected), f"keys differ: {sorted(set(actual) ^ set(expected))}"
     for key in expected:
         torch.testing.assert_close(
-            actual[key].float(), expected[key].float(), atol=atol, rtol=rtol,
+            actual[key].float(),
+            expected[key].float(),
+            atol=atol,
+            rtol=rtol,
             msg=lambda m, k=key: f"{k}: {m}",
         )

@@ -17,7 +17,9 @@ def problems() -> list[str]:
         name = config.stem
         page = ROOT / "docs" / "methods" / f"{name}.md"
         shared_page = any(
-            f"`{name}`" in p.read_text() for p in (ROOT / "docs" / "methods").glob("*.md") if p != index
+            f"`{name}`" in p.read_text()
+            for p in (ROOT / "docs" / "methods").glob("*.md")
+            if p != index
         )
         if not page.is_file() and not shared_page:
             found.append(f"conf/method/{name}.yaml has no docs/methods/{name}.md")

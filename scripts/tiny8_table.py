@@ -43,8 +43,14 @@ def run_method(name: str) -> dict:
     sweep = isinstance(config.get("scaling_factor"), (int, float))
     with tempfile.TemporaryDirectory() as tmp:
         args = [
-            sys.executable, "-m", "fusion_bench", "-m", f"method={name}", "logger=none",
-            "taskpool.splits=[validation,test]", f"hydra.sweep.dir={tmp}",
+            sys.executable,
+            "-m",
+            "fusion_bench",
+            "-m",
+            f"method={name}",
+            "logger=none",
+            "taskpool.splits=[validation,test]",
+            f"hydra.sweep.dir={tmp}",
             *EXTRA.get(name, []),
         ]
         if sweep:
@@ -57,8 +63,14 @@ def run_method(name: str) -> dict:
 
 
 def table(results: dict[str, dict]) -> str:
-    tasks = sorted({k.split("/")[1] for r in results.values() for k in r if k.startswith("test/")
-                    and k.endswith("/acc")})
+    tasks = sorted(
+        {
+            k.split("/")[1]
+            for r in results.values()
+            for k in r
+            if k.startswith("test/") and k.endswith("/acc")
+        }
+    )
     short = [t.removeprefix("tiny8_") for t in tasks]
     lines = [
         "| method | setting | " + " | ".join(short) + " | test avg | val avg |",
@@ -67,10 +79,15 @@ def table(results: dict[str, dict]) -> str:
     for name in [m for m in methods() if m in results]:
         r = results[name]
         common = ("method=", "logger=", "taskpool.splits=")
-        setting = " ".join(t for t in r["setting"].split() if not t.startswith(common)) or "defaults"
+        setting = (
+            " ".join(t for t in r["setting"].split() if not t.startswith(common)) or "defaults"
+        )
         cells = [f"{100 * r[f'test/{t}/acc']:.1f}" for t in tasks]
-        lines.append(f"| `{name}` | {setting} | " + " | ".join(cells)
-                     + f" | **{100 * r['test/avg_acc']:.1f}** | {100 * r['validation/avg_acc']:.1f} |")
+        lines.append(
+            f"| `{name}` | {setting} | "
+            + " | ".join(cells)
+            + f" | **{100 * r['test/avg_acc']:.1f}** | {100 * r['validation/avg_acc']:.1f} |"
+        )
     return "\n".join(lines)
 
 

@@ -62,15 +62,22 @@ def open_clip_pool_files(tmp_path_factory) -> dict:
     open_clip.add_model_config(config)
     torch.manual_seed(0)
     model = open_clip.create_model("fb-tiny-vit", pretrained=None)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, root / "pretrained.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()}, root / "pretrained.safetensors"
+    )
     visual = model.visual.state_dict()
     experts = {}
     for i, task in enumerate(TASKS):
         path = root / f"{task}.safetensors"
         save_file({k: v.contiguous() for k, v in perturbed(visual, seed=i + 1).items()}, path)
         experts[task] = str(path)
-    return {"config": str(config), "pretrained": str(root / "pretrained.safetensors"),
-            "experts": experts, "model_name": "fb-tiny-vit", "root": root}
+    return {
+        "config": str(config),
+        "pretrained": str(root / "pretrained.safetensors"),
+        "experts": experts,
+        "model_name": "fb-tiny-vit",
+        "root": root,
+    }
 
 
 # --- Hugging Face ------------------------------------------------------------------------------
@@ -93,12 +100,25 @@ def tiny_hf_config(vocab_size: int, patch_size: int = 8):
     from transformers import CLIPConfig
 
     return CLIPConfig(
-        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "vocab_size": vocab_size,
-                     "max_position_embeddings": 32, "bos_token_id": vocab_size - 2,
-                     "eos_token_id": vocab_size - 1, "pad_token_id": vocab_size - 1},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                       "num_attention_heads": 2, "image_size": 16, "patch_size": patch_size},
+        text_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "vocab_size": vocab_size,
+            "max_position_embeddings": 32,
+            "bos_token_id": vocab_size - 2,
+            "eos_token_id": vocab_size - 1,
+            "pad_token_id": vocab_size - 1,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 16,
+            "patch_size": patch_size,
+        },
         projection_dim=16,
     )
 
@@ -117,8 +137,11 @@ def hf_pool_files(tmp_path_factory) -> dict:
     config = tiny_hf_config(vocab_size)
     model = CLIPModel(config)
     model.save_pretrained(pre_dir)
-    vision_state = {k.removeprefix("vision_model."): v for k, v in model.state_dict().items()
-                    if k.startswith("vision_model.")}
+    vision_state = {
+        k.removeprefix("vision_model."): v
+        for k, v in model.state_dict().items()
+        if k.startswith("vision_model.")
+    }
     experts = {}
     for i, task in enumerate(TASKS):
         expert = CLIPVisionModel(config.vision_config)
@@ -142,7 +165,9 @@ def write_image_dataset(directory: Path, n_classes: int, sizes: dict[str, int], 
     )
     for split, n in sizes.items():
         labels = [i % n_classes for i in range(n)]
-        images = [Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in labels]
+        images = [
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)) for _ in labels
+        ]
         ds = datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
         ds.to_parquet(str(directory / f"{split}.parquet"))
     return directory
@@ -156,4 +181,3 @@ def tiny_datasets(tmp_path_factory) -> dict[str, str]:
         task: str(write_image_dataset(root / task, 10, {"train": 40, "test": 24}, seed=i))
         for i, task in enumerate(TASKS)
     }
-

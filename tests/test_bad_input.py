@@ -81,9 +81,7 @@ def test_architecture_mismatch(hf_pool_files, tmp_path):
 
     other = CLIPVisionModel(tiny_hf_config(hf_pool_files["vocab_size"], patch_size=4).vision_config)
     other.save_pretrained(tmp_path / "b16_like")
-    pool = CLIPVisionModelPool(
-        hf_pool_files["pretrained"], {"mnist": str(tmp_path / "b16_like")}
-    )
+    pool = CLIPVisionModelPool(hf_pool_files["pretrained"], {"mnist": str(tmp_path / "b16_like")})
     with pytest.raises(FusionBenchError, match="different architecture"):
         validate_pool(pool)
 
@@ -91,7 +89,9 @@ def test_architecture_mismatch(hf_pool_files, tmp_path):
 def test_wrong_family(hf_pool_files, open_clip_pool_files):
     f = open_clip_pool_files
     pool = OpenCLIPModelPool(
-        f["model_name"], f["pretrained"], {"mnist": hf_pool_files["experts"]["mnist"] + "/model.safetensors"},
+        f["model_name"],
+        f["pretrained"],
+        {"mnist": hf_pool_files["experts"]["mnist"] + "/model.safetensors"},
         model_config=f["config"],
     )
     with pytest.raises(FusionBenchError, match="lacks"):

@@ -51,11 +51,18 @@ def test_run_end_to_end_hf(hf_args, tmp_path, capsys):
     from transformers import CLIPVisionModel
 
     out_dir = tmp_path / "run"
-    code, out, err = run_cli([
-        *hf_args, "method=task_arithmetic", "method.scaling_factor=0.5", "logger=wandb",
-        f"hydra.run.dir={out_dir}", f"merged_model_save_path={tmp_path / 'merged'}",
-        "taskpool.splits=[validation,test]",
-    ], capsys)
+    code, out, err = run_cli(
+        [
+            *hf_args,
+            "method=task_arithmetic",
+            "method.scaling_factor=0.5",
+            "logger=wandb",
+            f"hydra.run.dir={out_dir}",
+            f"merged_model_save_path={tmp_path / 'merged'}",
+            "taskpool.splits=[validation,test]",
+        ],
+        capsys,
+    )
     assert code == 0, err
     # console table
     assert "== task_arithmetic ==" in out and "average" in out
@@ -85,8 +92,9 @@ def test_run_end_to_end_hf(hf_args, tmp_path, capsys):
     from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
     from fusion_bench.testing import assert_state_dict_close
 
-    pool = CLIPVisionModelPool(report["config"]["modelpool"]["pretrained"],
-                               report["config"]["modelpool"]["finetuned"])
+    pool = CLIPVisionModelPool(
+        report["config"]["modelpool"]["pretrained"], report["config"]["modelpool"]["finetuned"]
+    )
     expected = task_arithmetic(pool.pretrained(), [pool.expert(t) for t in pool.expert_names], 0.5)
     assert_state_dict_close(merged.state_dict(), expected)
 
@@ -94,8 +102,15 @@ def test_run_end_to_end_hf(hf_args, tmp_path, capsys):
 def test_refuses_to_overwrite_outputs(hf_args, tmp_path, capsys):
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "keep.txt").write_text("mine")
-    code, _, err = run_cli([*hf_args, f"hydra.run.dir={tmp_path / 'r'}", "logger=none",
-                            f"merged_model_save_path={tmp_path / 'merged'}"], capsys)
+    code, _, err = run_cli(
+        [
+            *hf_args,
+            f"hydra.run.dir={tmp_path / 'r'}",
+            "logger=none",
+            f"merged_model_save_path={tmp_path / 'merged'}",
+        ],
+        capsys,
+    )
     assert code == 2
     assert "exists and is not empty" in err and "overwrite=true" in err
     assert "Traceback" not in err
@@ -104,13 +119,22 @@ def test_refuses_to_overwrite_outputs(hf_args, tmp_path, capsys):
 
 def test_open_clip_individual_and_csv_logger(open_clip_pool_files, tiny_datasets, tmp_path, capsys):
     f = open_clip_pool_files
-    code, out, err = run_cli([
-        "modelpool=open_clip", f"modelpool.model_name={f['model_name']}",
-        f"modelpool.model_config='{f['config']}'", f"modelpool.pretrained='{f['pretrained']}'",
-        f"modelpool.finetuned={dict_override(f['experts'])}", f"suite.tasks=[{','.join(TASKS)}]",
-        f"taskpool.datasets={dict_override(tiny_datasets)}", "method=individual", "logger=csv",
-        f"hydra.run.dir={tmp_path}", "fast_dev_run=true",
-    ], capsys)
+    code, out, err = run_cli(
+        [
+            "modelpool=open_clip",
+            f"modelpool.model_name={f['model_name']}",
+            f"modelpool.model_config='{f['config']}'",
+            f"modelpool.pretrained='{f['pretrained']}'",
+            f"modelpool.finetuned={dict_override(f['experts'])}",
+            f"suite.tasks=[{','.join(TASKS)}]",
+            f"taskpool.datasets={dict_override(tiny_datasets)}",
+            "method=individual",
+            "logger=csv",
+            f"hydra.run.dir={tmp_path}",
+            "fast_dev_run=true",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert "== individual ==" in out
     metrics_csv = list(tmp_path.rglob("metrics.csv"))
@@ -121,8 +145,17 @@ def test_multirun_sweep_and_report(hf_args, tmp_path, capsys):
     from fusion_bench.report import main as report_main
 
     sweep = tmp_path / "sweep"
-    code, _, err = run_cli(["-m", *hf_args, "logger=none", "method.scaling_factor=0.0,1.0",
-                            "taskpool.splits=[validation,test]", f"hydra.sweep.dir={sweep}"], capsys)
+    code, _, err = run_cli(
+        [
+            "-m",
+            *hf_args,
+            "logger=none",
+            "method.scaling_factor=0.0,1.0",
+            "taskpool.splits=[validation,test]",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capsys,
+    )
     assert code == 0, err
     reports = sorted(sweep.glob("*/report.json"))
     assert [p.parent.name for p in reports] == ["0", "1"]  # keyed by job number
@@ -148,16 +181,24 @@ def test_unknown_method_names_options(capsys):
 
 def test_missing_checkpoint_is_a_clear_error(hf_args, tmp_path, capsys):
     args = [a for a in hf_args if not a.startswith("modelpool.finetuned")]
-    code, _, err = run_cli([*args, "modelpool.finetuned={mnist:/nonexistent/mnist,eurosat:/x/y}",
-                            f"hydra.run.dir={tmp_path}", "logger=none"], capsys)
+    code, _, err = run_cli(
+        [
+            *args,
+            "modelpool.finetuned={mnist:/nonexistent/mnist,eurosat:/x/y}",
+            f"hydra.run.dir={tmp_path}",
+            "logger=none",
+        ],
+        capsys,
+    )
     assert code == 2
     assert "/nonexistent/mnist" in err and "Traceback" not in err
 
 
 def test_unknown_task_is_a_clear_error(hf_args, tmp_path, capsys):
     args = [a for a in hf_args if not a.startswith(("suite.tasks", "taskpool.datasets"))]
-    code, _, err = run_cli([*args, "suite.tasks=[mnist,eurosatt]", f"hydra.run.dir={tmp_path}",
-                            "logger=none"], capsys)
+    code, _, err = run_cli(
+        [*args, "suite.tasks=[mnist,eurosatt]", f"hydra.run.dir={tmp_path}", "logger=none"], capsys
+    )
     assert code == 2, err
     assert "eurosatt" in err and "eurosat" in err and "Traceback" not in err
 

@@ -48,7 +48,9 @@ def test_open_clip_expert_layouts(open_clip_pool_files, tmp_path):
     tv_layout.update({f"model.visual.{k}": v for k, v in canonical.items()})
     torch.save(tv_layout, tmp_path / "tv.pt")
     pool = OpenCLIPModelPool(
-        f["model_name"], f["pretrained"], {"a": f["experts"]["mnist"], "b": str(tmp_path / "tv.pt")},
+        f["model_name"],
+        f["pretrained"],
+        {"a": f["experts"]["mnist"], "b": str(tmp_path / "tv.pt")},
         model_config=f["config"],
     )
     assert_state_dict_close(dict(pool.expert("b")), dict(pool.expert("a")))
@@ -57,11 +59,15 @@ def test_open_clip_expert_layouts(open_clip_pool_files, tmp_path):
 
 def test_save_and_reload_open_clip(open_clip_pool_files, tmp_path):
     f = open_clip_pool_files
-    pool = OpenCLIPModelPool(f["model_name"], f["pretrained"], f["experts"], model_config=f["config"])
+    pool = OpenCLIPModelPool(
+        f["model_name"], f["pretrained"], f["experts"], model_config=f["config"]
+    )
     state = dict(pool.expert("mnist"))
     pool.save(state, tmp_path, card="# card")
     reloaded = OpenCLIPModelPool(
-        f["model_name"], f["pretrained"], {"m": str(tmp_path / "model.safetensors")},
+        f["model_name"],
+        f["pretrained"],
+        {"m": str(tmp_path / "model.safetensors")},
         model_config=f["config"],
     )
     assert_state_dict_close(dict(reloaded.expert("m")), state)

@@ -14,13 +14,16 @@ from tests.conftest import TASKS
 @pytest.fixture
 def pool(open_clip_pool_files):
     f = open_clip_pool_files
-    return OpenCLIPModelPool(f["model_name"], f["pretrained"], f["experts"], model_config=f["config"])
+    return OpenCLIPModelPool(
+        f["model_name"], f["pretrained"], f["experts"], model_config=f["config"]
+    )
 
 
 @pytest.fixture
 def taskpool(tiny_datasets):
-    return CLIPClassificationTaskPool(tasks=list(TASKS), splits=["validation", "test"],
-                                      datasets=tiny_datasets, batch_size=8)
+    return CLIPClassificationTaskPool(
+        tasks=list(TASKS), splits=["validation", "test"], datasets=tiny_datasets, batch_size=8
+    )
 
 
 def test_validation_is_carved_from_train_deterministically(taskpool):
@@ -32,7 +35,9 @@ def test_validation_is_carved_from_train_deterministically(taskpool):
 
 
 def test_max_samples_is_a_seeded_subset(tiny_datasets):
-    tp = CLIPClassificationTaskPool(tasks=["mnist"], datasets=tiny_datasets, max_samples_per_task=10)
+    tp = CLIPClassificationTaskPool(
+        tasks=["mnist"], datasets=tiny_datasets, max_samples_per_task=10
+    )
     ds = tp.load_split("mnist", "test")
     assert len(ds) == 10
     assert len(set(ds["label"])) > 1  # not just the first (class-sorted) rows
@@ -77,8 +82,9 @@ def test_per_task_models_and_missing_task(pool, taskpool):
 
 
 def test_fast_dev_run_one_batch(pool, tiny_datasets):
-    tp = CLIPClassificationTaskPool(tasks=["mnist"], datasets=tiny_datasets, batch_size=5,
-                                    fast_dev_run=True)
+    tp = CLIPClassificationTaskPool(
+        tasks=["mnist"], datasets=tiny_datasets, batch_size=5, fast_dev_run=True
+    )
     metrics = tp.evaluate(pool.classifier(pool.build_encoder()))
     assert metrics["test/mnist/acc"] * 5 == pytest.approx(round(metrics["test/mnist/acc"] * 5))
 

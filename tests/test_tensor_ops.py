@@ -156,8 +156,11 @@ def test_sign_election_and_disjoint_merge_by_hand():
     assert majority_sign(float(signs.sum())) == 1.0 and majority_sign(0.0) == 0.0
     resolved = resolve_zero_signs(signs, 1.0)
     assert resolved.tolist() == [-1.0, 1.0, 1.0, 1.0, 1.0]
-    expected = {"sum": [-3.0, 3.0, 0.0, 3.0, 0.5], "mean": [-3.0, 1.5, 0.0, 3.0, 0.5],
-                "max": [-3.0, 2.0, 0.0, 3.0, 0.5]}
+    expected = {
+        "sum": [-3.0, 3.0, 0.0, 3.0, 0.5],
+        "mean": [-3.0, 1.5, 0.0, 3.0, 0.5],
+        "max": [-3.0, 2.0, 0.0, 3.0, 0.5],
+    }
     for func, values in expected.items():
         merger = DisjointMerge(resolved, func)
         for t in trimmed:

@@ -26,7 +26,9 @@ def simple_average(
     progress=None,
 ) -> dict[str, Tensor]:
     n = len(finetuned)
-    return add_weighted_task_vectors(pretrained, finetuned, [1.0 / n] * n, names, exclude_keys, progress)
+    return add_weighted_task_vectors(
+        pretrained, finetuned, [1.0 / n] * n, names, exclude_keys, progress
+    )
 
 
 class SimpleAverage:
@@ -38,6 +40,9 @@ class SimpleAverage:
     def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
         names = modelpool.expert_names
         return simple_average(
-            modelpool.pretrained(), [modelpool.expert(n) for n in names], self.exclude_keys,
-            names, key_progress("simple_average"),
+            modelpool.pretrained(),
+            [modelpool.expert(n) for n in names],
+            self.exclude_keys,
+            names,
+            key_progress("simple_average"),
         )

@@ -44,7 +44,9 @@ def task_arithmetic(
 class TaskArithmetic:
     models_held = 1.0
 
-    def __init__(self, scaling_factor: float | list[float] = 0.3, exclude_keys: list[str] | None = None):
+    def __init__(
+        self, scaling_factor: float | list[float] = 0.3, exclude_keys: list[str] | None = None
+    ):
         self.scaling_factor = scaling_factor
         self.exclude_keys = list(exclude_keys or [])
 
@@ -54,6 +56,10 @@ class TaskArithmetic:
         if not isinstance(scaling, (int, float)):
             scaling = list(scaling)
         return task_arithmetic(
-            modelpool.pretrained(), [modelpool.expert(n) for n in names], scaling,
-            self.exclude_keys, names, key_progress("task_arithmetic"),
+            modelpool.pretrained(),
+            [modelpool.expert(n) for n in names],
+            scaling,
+            self.exclude_keys,
+            names,
+            key_progress("task_arithmetic"),
         )

@@ -142,7 +142,9 @@ class CLIPVisionModelPool:
         extras = self._lazy(
             self._pretrained_dir,
             "pretrained",
-            key_map=lambda keys: {k: k for k in keys if k in ("visual_projection.weight", "logit_scale")},
+            key_map=lambda keys: {
+                k: k for k in keys if k in ("visual_projection.weight", "logit_scale")
+            },
         )
         if "visual_projection.weight" not in extras:
             raise FusionBenchError(
@@ -150,7 +152,9 @@ class CLIPVisionModelPool:
                 "It must be a full CLIPModel (e.g. openai/clip-vit-base-patch32): its text tower "
                 "builds the zero-shot heads."
             )
-        return extras["visual_projection.weight"].float(), float(extras["logit_scale"].float().exp())
+        return extras["visual_projection.weight"].float(), float(
+            extras["logit_scale"].float().exp()
+        )
 
     def build_encoder(self, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
         from transformers import CLIPVisionModel
@@ -190,8 +194,11 @@ class CLIPVisionModelPool:
         with torch.no_grad():
             for c in classnames:
                 tokens = tokenizer(
-                    [t.format(c=c) for t in templates], padding=True, truncation=True,
-                    max_length=max_length, return_tensors="pt",
+                    [t.format(c=c) for t in templates],
+                    padding=True,
+                    truncation=True,
+                    max_length=max_length,
+                    return_tensors="pt",
                 ).to(device)
                 out = model.get_text_features(**tokens)
                 per_class.append(out if isinstance(out, Tensor) else out.pooler_output)
@@ -212,13 +219,15 @@ class CLIPVisionModelPool:
             crop_cfg = cfg.get("crop_size", crop)
             crop = crop_cfg.get("height", crop) if isinstance(crop_cfg, dict) else crop_cfg
             mean, std = cfg.get("image_mean", mean), cfg.get("image_std", std)
-        return T.Compose([
-            T.Lambda(lambda im: im.convert("RGB")),
-            T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(crop),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ])
+        return T.Compose(
+            [
+                T.Lambda(lambda im: im.convert("RGB")),
+                T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+                T.CenterCrop(crop),
+                T.ToTensor(),
+                T.Normalize(mean, std),
+            ]
+        )
 
     # -- output ------------------------------------------------------------------------------
     def save(self, state_dict: Mapping[str, Tensor], path: Path, card: str) -> None:

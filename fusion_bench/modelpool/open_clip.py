@@ -42,7 +42,9 @@ def visual_keys(keys: Sequence[str]) -> dict[str, str]:
     layout (keep only the image tower); otherwise its keys already are image-tower keys."""
     stripped = {k: _strip_wrappers(k) for k in keys}
     if any(s.startswith("visual.") for s in stripped.values()):
-        return {k: s.removeprefix("visual.") for k, s in stripped.items() if s.startswith("visual.")}
+        return {
+            k: s.removeprefix("visual.") for k, s in stripped.items() if s.startswith("visual.")
+        }
     return stripped
 
 
@@ -145,7 +147,9 @@ class OpenCLIPModelPool:
     def expert(self, name: str) -> LazyStateDict:
         if name not in self.expert_locations:
             raise unknown_expert(name, self.expert_names)
-        return self._lazy(Path(self.expert_locations[name]), f"{name} ({self.expert_locations[name]})")
+        return self._lazy(
+            Path(self.expert_locations[name]), f"{name} ({self.expert_locations[name]})"
+        )
 
     # -- modules -----------------------------------------------------------------------------
     @cached_property
@@ -167,7 +171,9 @@ class OpenCLIPModelPool:
         extras = self._lazy(
             self._pretrained_file,
             "pretrained",
-            key_map=lambda keys: {k: "logit_scale" for k in keys if _strip_wrappers(k) == "logit_scale"},
+            key_map=lambda keys: {
+                k: "logit_scale" for k in keys if _strip_wrappers(k) == "logit_scale"
+            },
         )
         return float(extras["logit_scale"].float().exp())
 
@@ -193,15 +199,21 @@ class OpenCLIPModelPool:
         tokenizer = self._open_clip.get_tokenizer(self.model_name)
         formatters = [lambda c, t=t: t.format(c=c) for t in templates]
         return self._open_clip.build_zero_shot_classifier(
-            model.to(device), tokenizer, classnames, formatters, num_classes_per_batch=10,
-            device=device, use_tqdm=False,
+            model.to(device),
+            tokenizer,
+            classnames,
+            formatters,
+            num_classes_per_batch=10,
+            device=device,
+            use_tqdm=False,
         )
 
     # -- output ------------------------------------------------------------------------------
     def save(self, state_dict: Mapping[str, Tensor], path: Path, card: str) -> None:
         """``model.safetensors`` with the image tower (canonical keys) + a model card."""
         save_safetensors(
-            state_dict, path / "model.safetensors",
+            state_dict,
+            path / "model.safetensors",
             {"format": "pt", "open_clip_model": self.model_name},
         )
         (path / "README.md").write_text(card)

@@ -49,7 +49,9 @@ class CLIPClassificationTaskPool:
         seed: int = 0,
     ):
         if not tasks:
-            raise FusionBenchError("taskpool.tasks is empty: set `suite=...` or `taskpool.tasks=[...]`.")
+            raise FusionBenchError(
+                "taskpool.tasks is empty: set `suite=...` or `taskpool.tasks=[...]`."
+            )
         splits = list(splits or ["test"])
         for split in splits:
             if split not in SPLITS:
@@ -152,8 +154,11 @@ class CLIPClassificationTaskPool:
             return images, labels
 
         return torch.utils.data.DataLoader(
-            ds.with_transform(transform), batch_size=self.batch_size,
-            num_workers=self.num_workers, collate_fn=collate, shuffle=False,
+            ds.with_transform(transform),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            shuffle=False,
         )
 
     # -- heads -------------------------------------------------------------------------------
@@ -214,7 +219,9 @@ class CLIPClassificationTaskPool:
                     autocast = fabric.autocast() if fabric is not None else contextlib.nullcontext()
                     with autocast:
                         logits = classifier.logits(images, head.to(images.dtype)).float()
-                    loss_sum += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+                    loss_sum += torch.nn.functional.cross_entropy(
+                        logits, labels, reduction="sum"
+                    ).item()
                     correct += (logits.argmax(dim=-1) == labels).sum().item()
                     total += labels.numel()
                 if total == 0:
@@ -238,4 +245,3 @@ class CLIPClassificationTaskPool:
 
     def describe(self) -> dict:
         return {"tasks": self.tasks, "splits": self.splits}
-
