@@ -18,6 +18,7 @@ Every user-facing failure is a :class:`~fusion_bench.errors.FusionBenchError` na
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -169,6 +170,7 @@ class LazyStateDict(Mapping[str, Tensor]):
         self.files = [Path(f) for f in files]
         self.check_finite = check_finite
         self._index: dict[str, tuple[object, str]] = {}
+        self._checked: set[str] = set()  # keys already found finite
         for f in self.files:
             handle = _open_file(f, allow_unsafe_pickle)
             for stored, canonical in key_map(handle.keys()).items():
@@ -182,13 +184,22 @@ class LazyStateDict(Mapping[str, Tensor]):
     def __getitem__(self, key: str) -> Tensor:
         handle, stored = self._index[key]
         tensor = handle.get(stored)
-        if self.check_finite and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if self.check_finite and key not in self._checked and tensor.is_floating_point():
+            self._check_finite(key, tensor)
+        return tensor
+
+    def _check_finite(self, key: str, tensor: Tensor) -> None:
+        # A NaN or Inf anywhere makes the float32 sum non-finite, so the cheap sum decides; only
+        # a non-finite sum (NaN/Inf, or a float32 overflow of huge values) needs the exact test.
+        # Each key is checked once: multi-pass methods (TIES) read the same tensor several times.
+        total = tensor.sum(dtype=torch.float32).item()
+        if not math.isfinite(total) and not torch.isfinite(tensor).all():
             raise FusionBenchError(
                 f"Tensor '{key}' of checkpoint '{self.name}' contains NaN or Inf values. The "
                 "checkpoint is corrupted or its fine-tuning diverged; re-export it or remove it "
                 "from the model pool."
             )
-        return tensor
+        self._checked.add(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)

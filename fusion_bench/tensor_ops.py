@@ -92,9 +92,11 @@ def add_weighted_task_vectors(
 
     def merge_key(key: str, base: Tensor) -> Tensor:
         acc = base.clone()
+        tau = torch.empty_like(base)  # one reused buffer per key instead of one per expert
         for expert, w, name in zip(finetuned, weights, names, strict=True):
             if w != 0.0:
-                acc.add_(expert_tensor(expert, key, base, name) - base, alpha=float(w))
+                torch.sub(expert_tensor(expert, key, base, name), base, out=tau)
+                acc.add_(tau, alpha=float(w))
         return acc
 
     return map_keys(pretrained, merge_key, exclude, progress)

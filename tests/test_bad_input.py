@@ -44,6 +44,16 @@ def test_nan_in_weights(tmp_path):
     with pytest.raises(FusionBenchError, match="NaN or Inf"):
         LazyStateDict([path])["w"]
     assert torch.isnan(LazyStateDict([path], check_finite=False)["w"]).any()
+    save_file({"w": torch.tensor([1.0, float("-inf")])}, path)
+    with pytest.raises(FusionBenchError, match="NaN or Inf"):
+        LazyStateDict([path])["w"]
+
+
+def test_huge_finite_weights_are_not_flagged(tmp_path):
+    # their float32 sum overflows to inf, so the cheap check must fall back to the exact one
+    path = tmp_path / "huge.safetensors"
+    save_file({"w": torch.full((4,), 3e38)}, path)
+    assert LazyStateDict([path])["w"].isfinite().all()
 
 
 class _Pickled(torch.nn.Module):

@@ -73,3 +73,16 @@ def test_save_and_reload_open_clip(open_clip_pool_files, tmp_path):
     assert_state_dict_close(dict(reloaded.expert("m")), state)
     encoder = pool.build_encoder(state)
     assert encoder(torch.zeros(1, 3, 16, 16)).shape == (1, 16)
+
+
+def test_hf_encoder_matches_from_pretrained(hf_pool_files):
+    from transformers import CLIPVisionModel
+
+    pool = CLIPVisionModelPool(hf_pool_files["pretrained"], hf_pool_files["experts"])
+    ours = pool.build_encoder(pool.expert("mnist"))  # meta device + assign, no random init
+    reference = CLIPVisionModel.from_pretrained(hf_pool_files["experts"]["mnist"]).eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours(pixel_values=images).pooler_output, reference(pixel_values=images).pooler_output
+        )

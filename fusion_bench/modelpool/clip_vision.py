@@ -159,9 +159,18 @@ class CLIPVisionModelPool:
     def build_encoder(self, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
         from transformers import CLIPVisionModel
 
-        encoder = CLIPVisionModel(self.vision_config)
+        # Built on the meta device and given the tensors (assign=True): no random initialisation
+        # (seconds for ViT-L/14) and no second copy of the weights.
+        with torch.device("meta"):
+            encoder = CLIPVisionModel(self.vision_config)
         state = self.pretrained() if state_dict is None else state_dict
-        encoder.load_state_dict({k: state[k] for k in state}, strict=True)
+        tensors = {k: state[k].float() if state[k].is_floating_point() else state[k] for k in state}
+        encoder.load_state_dict(tensors, strict=True, assign=True)
+        # The one non-persistent buffer (never in checkpoints) is rebuilt as transformers does.
+        embeddings = encoder.embeddings
+        embeddings.position_ids = torch.arange(embeddings.num_positions).expand((1, -1))
+        if any(t.is_meta for t in (*encoder.parameters(), *encoder.buffers())):
+            raise RuntimeError("CLIPVisionModel gained a buffer that build_encoder does not set")
         return encoder.eval()
 
     def classifier(self, encoder: nn.Module) -> ZeroShotClassifier:
