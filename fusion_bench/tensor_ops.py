@@ -171,20 +171,40 @@ def kth_smallest_magnitude(chunks: Callable[[], Iterable[Tensor]], rank: int) ->
     bucket, which pins the exact value. ``chunks`` is called once per pass and must yield the same
     tensors each time; memory is two histograms plus one chunk, never the concatenation.
     """
-    high_hist = torch.zeros(_BUCKETS, dtype=torch.int64)
-    for t in chunks():
-        _count_into(high_hist, _magnitude_bits(t) >> _HALF_BITS)
-    total = int(high_hist.sum())
-    if not 1 <= rank <= total:
-        raise ValueError(f"rank {rank} is outside 1..{total}")
-    high, rank_in_bucket = _select_bucket(high_hist, rank)
+    (kth,) = kth_smallest_magnitudes(lambda: ((0, t) for t in chunks()), [rank])
+    return kth
 
-    low_hist = torch.zeros(_BUCKETS, dtype=torch.int64)
-    for t in chunks():
+
+def kth_smallest_magnitudes(
+    chunks: Callable[[], Iterable[tuple[int, Tensor]]], ranks: Sequence[int]
+) -> list[Tensor]:
+    """:func:`kth_smallest_magnitude` for several vectors at once, in the same two passes.
+
+    ``chunks()`` yields ``(i, tensor)``: a piece of vector ``i``. Interleaving the vectors (e.g.
+    key by key, the N task vectors of that key one after the other) lets a caller read what they
+    share (θ0) once per key instead of once per vector, still holding one piece at a time.
+    """
+    n = len(ranks)
+    high_hists = [torch.zeros(_BUCKETS, dtype=torch.int64) for _ in range(n)]
+    for i, t in chunks():
+        _count_into(high_hists[i], _magnitude_bits(t) >> _HALF_BITS)
+    selected = []
+    for hist, rank in zip(high_hists, ranks, strict=True):
+        total = int(hist.sum())
+        if not 1 <= rank <= total:
+            raise ValueError(f"rank {rank} is outside 1..{total}")
+        selected.append(_select_bucket(hist, rank))
+    del high_hists
+
+    low_hists = [torch.zeros(_BUCKETS, dtype=torch.int64) for _ in range(n)]
+    for i, t in chunks():
         bits = _magnitude_bits(t)
-        _count_into(low_hist, bits[(bits >> _HALF_BITS) == high] & (_BUCKETS - 1))
-    low, _ = _select_bucket(low_hist, rank_in_bucket)
-    return torch.tensor((high << _HALF_BITS) | low, dtype=torch.int32).view(torch.float32)
+        _count_into(low_hists[i], bits[(bits >> _HALF_BITS) == selected[i][0]] & (_BUCKETS - 1))
+    out = []
+    for hist, (high, rank_in_bucket) in zip(low_hists, selected, strict=True):
+        low, _ = _select_bucket(hist, rank_in_bucket)
+        out.append(torch.tensor((high << _HALF_BITS) | low, dtype=torch.int32).view(torch.float32))
+    return out
 
 
 def ties_keep_rank(numel: int, threshold: float) -> int:

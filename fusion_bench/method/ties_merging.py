@@ -10,9 +10,9 @@ For task vectors τ_i = θ_i − θ0 over the whole model (all mergeable keys fl
    FusionBench default) or ``mean`` (the paper);
 θ = θ0 + λ · merged.
 
-The global thresholds are exact without holding N × P floats: a streaming radix selection per task
-(:func:`fusion_bench.tensor_ops.kth_smallest_magnitude`, two passes over the task's keys), then one
-pass key by key that trims, elects and merges (each expert read twice per key, so the memory is
+The global thresholds are exact without holding N × P floats: a streaming radix selection
+(:func:`fusion_bench.tensor_ops.kth_smallest_magnitudes`: two passes over the keys, all tasks
+together, one τ tensor at a time), then one pass key by key that trims, elects and merges (each expert read twice per key, so the memory is
 the output plus O(1) tensors of one key, independent of N). Entries whose elected sign is 0 but
 that have non-zero trimmed values (exact cancellations, rare) are kept aside, sparsely, until the
 majority sign is known at the end.
@@ -36,7 +36,7 @@ from fusion_bench.tensor_ops import (
     disjoint_merge,
     elect_sign,
     expert_tensor,
-    kth_smallest_magnitude,
+    kth_smallest_magnitudes,
     majority_sign,
     map_keys,
     mergeable_keys,
@@ -61,16 +61,15 @@ def ties_thresholds(
     keys = list(mergeable_keys(pretrained, exclude_keys))
     numel = sum(pretrained[k].numel() for k in keys)
     rank = ties_keep_rank(numel, threshold)
-    thresholds = []
-    for expert, name in zip(finetuned, _names(finetuned, names), strict=True):
+    names = _names(finetuned, names)
 
-        def task_vector(expert=expert, name=name):
-            for key in keys:
-                base = pretrained[key].to(torch.float32)
-                yield expert_tensor(expert, key, base, name) - base
+    def task_vectors():  # key by key, one expert's τ at a time; θ0 read once per key
+        for key in keys:
+            base = pretrained[key].to(torch.float32)
+            for i, (expert, name) in enumerate(zip(finetuned, names, strict=True)):
+                yield i, expert_tensor(expert, key, base, name) - base
 
-        thresholds.append(kth_smallest_magnitude(task_vector, rank))
-    return thresholds
+    return kth_smallest_magnitudes(task_vectors, [rank] * len(finetuned))
 
 
 def ties_merging(
