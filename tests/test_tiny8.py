@@ -1,0 +1,48 @@
+"""The embedded tiny8 benchmark: artefacts present and consistent, and the default job runs."""
+
+from __future__ import annotations
+
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from fusion_bench.paths import config_dir
+from fusion_bench.runner import validate_pool
+from tests.test_cli import run_cli
+
+
+def default_config(*overrides: str):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        return compose("config", overrides=list(overrides))
+
+
+def test_defaults_are_task_arithmetic_on_tiny8():
+    cfg = default_config()
+    assert cfg.modelpool.model_name == "Tiny8-ViT"
+    assert len(cfg.suite.tasks) == 8 and all(t.startswith("tiny8_") for t in cfg.suite.tasks)
+    assert cfg.method._target_.endswith("TaskArithmetic")
+
+
+def test_tiny8_pool_and_datasets_are_consistent():
+    cfg = default_config("logger=none")
+    pool = instantiate(cfg.modelpool, _convert_="all")
+    validate_pool(pool)  # 8 experts of the pretrained architecture, no NaN in headers' shapes
+    taskpool = instantiate(cfg.taskpool, _convert_="all")
+    for task in taskpool.tasks:
+        spec = taskpool.specs[task]
+        sizes = {}
+        for split in ("train", "validation", "test"):
+            ds = taskpool.load_split(task, split)
+            labels = set(ds[spec.label_column])
+            assert labels <= set(range(spec.num_classes)), (task, split)
+            sizes[split] = len(ds)
+        assert sizes["test"] >= 50 and sizes["train"] >= sizes["test"] / 2, (task, sizes)
+        names = ds.features[spec.label_column].names
+        assert list(names) == list(spec.classnames), task  # readable class names, same order
+
+
+def test_default_job_fast_dev_run(tmp_path, capsys):
+    code, out, err = run_cli(
+        ["logger=none", "fast_dev_run=true", f"hydra.run.dir={tmp_path}"], capsys
+    )
+    assert code == 0, err
+    assert "== task_arithmetic ==" in out and "tiny8_faces" in out
