@@ -181,3 +181,34 @@ def tiny_datasets(tmp_path_factory) -> dict[str, str]:
         task: str(write_image_dataset(root / task, 10, {"train": 40, "test": 24}, seed=i))
         for i, task in enumerate(TASKS)
     }
+
+
+# --- CLI arguments pointing the real configs at the tiny pools ------------------------------------
+def dict_override(mapping: dict[str, str]) -> str:
+    """A Hydra command-line dict: {a:'x',b:'y'} (quoted: paths contain characters Hydra parses)."""
+    return "{" + ",".join(f"{k}:'{v}'" for k, v in mapping.items()) + "}"
+
+
+@pytest.fixture
+def hf_cli_args(hf_pool_files, tiny_datasets) -> list[str]:
+    return [
+        "modelpool=clip_vision",
+        f"modelpool.pretrained='{hf_pool_files['pretrained']}'",
+        f"modelpool.finetuned={dict_override(hf_pool_files['experts'])}",
+        f"suite.tasks=[{','.join(TASKS)}]",
+        f"taskpool.datasets={dict_override(tiny_datasets)}",
+    ]
+
+
+@pytest.fixture
+def open_clip_cli_args(open_clip_pool_files, tiny_datasets) -> list[str]:
+    f = open_clip_pool_files
+    return [
+        "modelpool=open_clip",
+        f"modelpool.model_name={f['model_name']}",
+        f"modelpool.model_config='{f['config']}'",
+        f"modelpool.pretrained='{f['pretrained']}'",
+        f"modelpool.finetuned={dict_override(f['experts'])}",
+        f"suite.tasks=[{','.join(TASKS)}]",
+        f"taskpool.datasets={dict_override(tiny_datasets)}",
+    ]

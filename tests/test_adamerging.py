@@ -20,7 +20,7 @@ from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
 from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
 from fusion_bench.testing import assert_state_dict_close
 from tests.conftest import TASKS
-from tests.test_cli import dict_override, run_cli
+from tests.test_cli import run_cli
 from tests.wandb_records import wait_for_logged
 
 
@@ -127,13 +127,9 @@ def test_constructor_checks_and_memory_estimate():
 
 # -- CLI -------------------------------------------------------------------------------------
 @pytest.fixture
-def cli_args(hf_pool_files, tiny_datasets) -> list[str]:
+def cli_args(hf_cli_args) -> list[str]:
     return [
-        "modelpool=clip_vision",
-        f"modelpool.pretrained='{hf_pool_files['pretrained']}'",
-        f"modelpool.finetuned={dict_override(hf_pool_files['experts'])}",
-        f"suite.tasks=[{','.join(TASKS)}]",
-        f"taskpool.datasets={dict_override(tiny_datasets)}",
+        *hf_cli_args,
         "method=adamerging_layer_wise",
         "method.max_steps=2",
         "method.batch_size=8",

@@ -32,28 +32,13 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
-def dict_override(mapping: dict[str, str]) -> str:
-    return "{" + ",".join(f"{k}:'{v}'" for k, v in mapping.items()) + "}"
-
-
-@pytest.fixture
-def hf_args(hf_pool_files, tiny_datasets) -> list[str]:
-    return [
-        "modelpool=clip_vision",
-        f"modelpool.pretrained='{hf_pool_files['pretrained']}'",
-        f"modelpool.finetuned={dict_override(hf_pool_files['experts'])}",
-        f"suite.tasks=[{','.join(TASKS)}]",
-        f"taskpool.datasets={dict_override(tiny_datasets)}",
-    ]
-
-
-def test_run_end_to_end_hf(hf_args, tmp_path, capsys):
+def test_run_end_to_end_hf(hf_cli_args, tmp_path, capsys):
     from transformers import CLIPVisionModel
 
     out_dir = tmp_path / "run"
     code, out, err = run_cli(
         [
-            *hf_args,
+            *hf_cli_args,
             "method=task_arithmetic",
             "method.scaling_factor=0.5",
             "logger=wandb",
@@ -99,12 +84,12 @@ def test_run_end_to_end_hf(hf_args, tmp_path, capsys):
     assert_state_dict_close(merged.state_dict(), expected)
 
 
-def test_refuses_to_overwrite_outputs(hf_args, tmp_path, capsys):
+def test_refuses_to_overwrite_outputs(hf_cli_args, tmp_path, capsys):
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "keep.txt").write_text("mine")
     code, _, err = run_cli(
         [
-            *hf_args,
+            *hf_cli_args,
             f"hydra.run.dir={tmp_path / 'r'}",
             "logger=none",
             f"merged_model_save_path={tmp_path / 'merged'}",
@@ -117,17 +102,10 @@ def test_refuses_to_overwrite_outputs(hf_args, tmp_path, capsys):
     assert (tmp_path / "merged" / "keep.txt").read_text() == "mine"
 
 
-def test_open_clip_individual_and_csv_logger(open_clip_pool_files, tiny_datasets, tmp_path, capsys):
-    f = open_clip_pool_files
+def test_open_clip_individual_and_csv_logger(open_clip_cli_args, tmp_path, capsys):
     code, out, err = run_cli(
         [
-            "modelpool=open_clip",
-            f"modelpool.model_name={f['model_name']}",
-            f"modelpool.model_config='{f['config']}'",
-            f"modelpool.pretrained='{f['pretrained']}'",
-            f"modelpool.finetuned={dict_override(f['experts'])}",
-            f"suite.tasks=[{','.join(TASKS)}]",
-            f"taskpool.datasets={dict_override(tiny_datasets)}",
+            *open_clip_cli_args,
             "method=individual",
             "logger=csv",
             f"hydra.run.dir={tmp_path}",
@@ -141,14 +119,14 @@ def test_open_clip_individual_and_csv_logger(open_clip_pool_files, tiny_datasets
     assert metrics_csv and "test/avg_acc" in metrics_csv[0].read_text()
 
 
-def test_multirun_sweep_and_report(hf_args, tmp_path, capsys):
+def test_multirun_sweep_and_report(hf_cli_args, tmp_path, capsys):
     from fusion_bench.report import main as report_main
 
     sweep = tmp_path / "sweep"
     code, _, err = run_cli(
         [
             "-m",
-            *hf_args,
+            *hf_cli_args,
             "logger=none",
             "method.scaling_factor=0.0,1.0",
             "taskpool.splits=[validation,test]",
@@ -166,8 +144,8 @@ def test_multirun_sweep_and_report(hf_args, tmp_path, capsys):
     assert (tmp_path / "t.csv").read_text().startswith("job,setting")
 
 
-def test_dry_run_prints_config_and_estimate(hf_args, tmp_path, capsys):
-    code, out, err = run_cli([*hf_args, "dry_run=true", f"hydra.run.dir={tmp_path}"], capsys)
+def test_dry_run_prints_config_and_estimate(hf_cli_args, tmp_path, capsys):
+    code, out, err = run_cli([*hf_cli_args, "dry_run=true", f"hydra.run.dir={tmp_path}"], capsys)
     assert code == 0, err
     assert "memory estimate" in out and "scaling_factor" in out
     assert not (tmp_path / "report.json").exists()
@@ -179,8 +157,8 @@ def test_unknown_method_names_options(capsys):
     assert "no_such_method" in err and "task_arithmetic" in err  # Hydra lists the options
 
 
-def test_missing_checkpoint_is_a_clear_error(hf_args, tmp_path, capsys):
-    args = [a for a in hf_args if not a.startswith("modelpool.finetuned")]
+def test_missing_checkpoint_is_a_clear_error(hf_cli_args, tmp_path, capsys):
+    args = [a for a in hf_cli_args if not a.startswith("modelpool.finetuned")]
     code, _, err = run_cli(
         [
             *args,
@@ -194,8 +172,8 @@ def test_missing_checkpoint_is_a_clear_error(hf_args, tmp_path, capsys):
     assert "/nonexistent/mnist" in err and "Traceback" not in err
 
 
-def test_unknown_task_is_a_clear_error(hf_args, tmp_path, capsys):
-    args = [a for a in hf_args if not a.startswith(("suite.tasks", "taskpool.datasets"))]
+def test_unknown_task_is_a_clear_error(hf_cli_args, tmp_path, capsys):
+    args = [a for a in hf_cli_args if not a.startswith(("suite.tasks", "taskpool.datasets"))]
     code, _, err = run_cli(
         [*args, "suite.tasks=[mnist,eurosatt]", f"hydra.run.dir={tmp_path}", "logger=none"], capsys
     )

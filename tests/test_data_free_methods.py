@@ -17,8 +17,7 @@ from fusion_bench.method.task_arithmetic import task_arithmetic
 from fusion_bench.method.ties_merging import ties_merging, ties_thresholds, ties_trim_and_elect
 from fusion_bench.method.weighted_average import weighted_average, weights_in_order
 from fusion_bench.testing import assert_state_dict_close
-from tests.conftest import TASKS
-from tests.test_cli import dict_override, run_cli
+from tests.test_cli import run_cli
 
 FLOAT_KEYS = ("a.weight", "a.bias", "b.weight")
 
@@ -261,17 +260,10 @@ CLI_METHODS = {
 
 
 @pytest.mark.parametrize("method", list(CLI_METHODS))
-def test_method_runs_from_the_cli(method, open_clip_pool_files, tiny_datasets, tmp_path, capsys):
-    f = open_clip_pool_files
+def test_method_runs_from_the_cli(method, open_clip_cli_args, tmp_path, capsys):
     code, out, err = run_cli(
         [
-            "modelpool=open_clip",
-            f"modelpool.model_name={f['model_name']}",
-            f"modelpool.model_config='{f['config']}'",
-            f"modelpool.pretrained='{f['pretrained']}'",
-            f"modelpool.finetuned={dict_override(f['experts'])}",
-            f"suite.tasks=[{','.join(TASKS)}]",
-            f"taskpool.datasets={dict_override(tiny_datasets)}",
+            *open_clip_cli_args,
             f"method={method}",
             *CLI_METHODS[method],
             "logger=none",

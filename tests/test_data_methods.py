@@ -14,7 +14,7 @@ from fusion_bench.method.regmean import GramRecorder, reduce_off_diagonal, regme
 from fusion_bench.method.simple_average import simple_average
 from fusion_bench.testing import assert_state_dict_close
 from tests.conftest import TASKS
-from tests.test_cli import dict_override, run_cli
+from tests.test_cli import run_cli
 
 
 def toy_state(seed: int) -> dict[str, torch.Tensor]:
@@ -212,28 +212,6 @@ def open_clip_files_one(open_clip_pool_files, tiny_datasets):
     return pool, {"mnist": tiny_datasets["mnist"]}
 
 
-def open_clip_args(f: dict, tiny_datasets: dict) -> list[str]:
-    return [
-        "modelpool=open_clip",
-        f"modelpool.model_name={f['model_name']}",
-        f"modelpool.model_config='{f['config']}'",
-        f"modelpool.pretrained='{f['pretrained']}'",
-        f"modelpool.finetuned={dict_override(f['experts'])}",
-        f"suite.tasks=[{','.join(TASKS)}]",
-        f"taskpool.datasets={dict_override(tiny_datasets)}",
-    ]
-
-
-def hf_args(f: dict, tiny_datasets: dict) -> list[str]:
-    return [
-        "modelpool=clip_vision",
-        f"modelpool.pretrained='{f['pretrained']}'",
-        f"modelpool.finetuned={dict_override(f['experts'])}",
-        f"suite.tasks=[{','.join(TASKS)}]",
-        f"taskpool.datasets={dict_override(tiny_datasets)}",
-    ]
-
-
 @pytest.mark.parametrize(
     ("method", "family", "extra"),
     [
@@ -242,14 +220,8 @@ def hf_args(f: dict, tiny_datasets: dict) -> list[str]:
         ("regmean_plusplus", "hf", ["method.num_regmean_examples=16"]),
     ],
 )
-def test_cli_runs(
-    method, family, extra, open_clip_pool_files, hf_pool_files, tiny_datasets, tmp_path, capsys
-):
-    args = (
-        open_clip_args(open_clip_pool_files, tiny_datasets)
-        if family == "open_clip"
-        else hf_args(hf_pool_files, tiny_datasets)
-    )
+def test_cli_runs(method, family, extra, open_clip_cli_args, hf_cli_args, tmp_path, capsys):
+    args = open_clip_cli_args if family == "open_clip" else hf_cli_args
     code, out, err = run_cli(
         [*args, f"method={method}", *extra, "logger=none", f"hydra.run.dir={tmp_path}"], capsys
     )

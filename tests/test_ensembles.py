@@ -12,7 +12,7 @@ from fusion_bench.method.simple_ensemble import SimpleEnsemble
 from fusion_bench.method.weighted_ensemble import WeightedEnsemble, weighted_logits
 from fusion_bench.modelpool.base import ZeroShotClassifier
 from tests.conftest import TASKS
-from tests.test_cli import dict_override, run_cli
+from tests.test_cli import run_cli
 
 
 def test_combination_rules_by_hand():
@@ -64,14 +64,10 @@ def test_weighted_ensemble_needs_one_weight_per_expert(hf_pool):
 
 
 @pytest.mark.parametrize("method", ["simple_ensemble", "weighted_ensemble", "max_model_predictor"])
-def test_cli_runs(method, hf_pool_files, tiny_datasets, tmp_path, capsys):
+def test_cli_runs(method, hf_cli_args, tmp_path, capsys):
     code, out, err = run_cli(
         [
-            "modelpool=clip_vision",
-            f"modelpool.pretrained='{hf_pool_files['pretrained']}'",
-            f"modelpool.finetuned={dict_override(hf_pool_files['experts'])}",
-            f"suite.tasks=[{','.join(TASKS)}]",
-            f"taskpool.datasets={dict_override(tiny_datasets)}",
+            *hf_cli_args,
             f"method={method}",
             "logger=none",
             f"hydra.run.dir={tmp_path}",
