@@ -34,6 +34,8 @@ EXTRA = {  # per-method overrides that keep the table's run time reasonable on a
     name: ["method.max_steps=300"]  # the paper uses 500, FusionBench 1000
     for name in ("adamerging_task_wise", "adamerging_layer_wise", "adamerging_plusplus")
 }
+UNIFORM = "method.weights=[1,1,1,1,1,1,1,1]"  # methods without default weights: uniform
+EXTRA.update({"weighted_average": [UNIFORM], "weighted_ensemble": [UNIFORM]})
 
 
 def methods() -> list[str]:
