@@ -25,6 +25,11 @@ from fusion_bench.errors import FusionBenchError
 StateDict = Mapping[str, Tensor]
 
 
+def expert_labels(finetuned: Sequence, names: Sequence[str] | None) -> list[str]:
+    """The experts' names for error messages: the given ones, else ``#0``, ``#1``, ..."""
+    return list(names) if names is not None else [f"#{i}" for i in range(len(finetuned))]
+
+
 def is_excluded(key: str, exclude: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(key, pattern) for pattern in exclude)
 
@@ -88,7 +93,7 @@ def add_weighted_task_vectors(
     """
     if len(finetuned) != len(weights):
         raise ValueError(f"{len(finetuned)} experts but {len(weights)} weights")
-    names = list(names) if names is not None else [f"#{i}" for i in range(len(finetuned))]
+    names = expert_labels(finetuned, names)
 
     def merge_key(key: str, base: Tensor) -> Tensor:
         acc = base.clone()

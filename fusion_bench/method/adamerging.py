@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.tensor_ops import StateDict, expert_tensor, mergeable_keys
+from fusion_bench.tensor_ops import StateDict, expert_labels, expert_tensor, mergeable_keys
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,7 +44,7 @@ def stack_task_vectors(
 ) -> dict[str, Tensor]:
     """key -> (N, *shape) stacked τ_i = θ_i − θ0, computed in float32 and stored in ``dtype``,
     one key at a time (lazy experts are read one tensor at a time)."""
-    names = list(names) if names is not None else [f"#{i}" for i in range(len(finetuned))]
+    names = expert_labels(finetuned, names)
     out = {}
     for key in keys:
         base = pretrained[key].float()

@@ -30,6 +30,7 @@ from fusion_bench.method.ties_merging import ties_merging
 from fusion_bench.tensor_ops import (
     StateDict,
     dare_drop,
+    expert_labels,
     expert_tensor,
     is_excluded,
     key_seed,
@@ -96,7 +97,7 @@ def dare(
 ) -> dict[str, Tensor]:
     check_base(base)
     dare_drop(torch.zeros(0), sparsity_ratio, rescale, torch.Generator())  # validates p early
-    names = list(names) if names is not None else [f"#{i}" for i in range(len(finetuned))]
+    names = expert_labels(finetuned, names)
     dropped = [
         DroppedExpert(pretrained, e, i, seed, sparsity_ratio, rescale, exclude_keys, n)
         for i, (e, n) in enumerate(zip(finetuned, names, strict=True))
@@ -133,13 +134,13 @@ class Dare:
         exclude_keys: list[str] | None = None,
     ):
         check_base(base)
-        self.base, self.sparsity_ratio, self.rescale, self.seed = (
-            base,
-            sparsity_ratio,
-            rescale,
-            seed,
-        )
-        self.scaling_factor, self.threshold, self.merge_func = scaling_factor, threshold, merge_func
+        self.base = base
+        self.sparsity_ratio = sparsity_ratio
+        self.rescale = rescale
+        self.seed = seed
+        self.scaling_factor = scaling_factor
+        self.threshold = threshold
+        self.merge_func = merge_func
         self.exclude_keys = list(exclude_keys or [])
 
     def run(self, modelpool, fabric=None) -> dict[str, Tensor]:

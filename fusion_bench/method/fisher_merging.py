@@ -31,7 +31,13 @@ from torch import Tensor, nn
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.base import key_progress
 from fusion_bench.method.calibration import CalibrationData, device_of
-from fusion_bench.tensor_ops import StateDict, expert_tensor, map_keys, mergeable_keys
+from fusion_bench.tensor_ops import (
+    StateDict,
+    expert_labels,
+    expert_tensor,
+    map_keys,
+    mergeable_keys,
+)
 
 
 # -- the maths ----------------------------------------------------------------------------------
@@ -51,7 +57,7 @@ def fisher_merging(
     order; it is consumed one expert at a time and only the two running sums are kept. A merged
     key without a Fisher entry counts as F = 0 (its weight is then ε·c_i).
     """
-    names = list(names) if names is not None else [f"#{i}" for i in range(len(finetuned))]
+    names = expert_labels(finetuned, names)
     keys = list(mergeable_keys(pretrained, exclude_keys))
     eps = float(minimal_fisher_weight)
     numerator: dict[str, Tensor] = {}

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.method.base import key_progress
-from fusion_bench.tensor_ops import StateDict, expert_tensor, map_keys
+from fusion_bench.tensor_ops import StateDict, expert_labels, expert_tensor, map_keys
 
 
 def magmax(
@@ -27,7 +27,7 @@ def magmax(
     names: Sequence[str] | None = None,
     progress=None,
 ) -> dict[str, Tensor]:
-    names = list(names) if names is not None else [f"#{i}" for i in range(len(finetuned))]
+    names = expert_labels(finetuned, names)
 
     def merge_key(key: str, base: Tensor) -> Tensor:
         best = torch.zeros_like(base)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.base import key_progress
-from fusion_bench.tensor_ops import StateDict, expert_tensor, map_keys
+from fusion_bench.tensor_ops import StateDict, expert_labels, expert_tensor, map_keys
 
 EPS = 1e-8  # as the reference code
 
@@ -51,7 +51,7 @@ def model_stock(
             f"Model Stock needs at least 2 fine-tuned models (got {len(finetuned)}): the "
             "interpolation ratio comes from the angle between them."
         )
-    names = list(names) if names is not None else [f"#{i}" for i in range(len(finetuned))]
+    names = expert_labels(finetuned, names)
 
     def merge_key(key: str, base: Tensor) -> Tensor:
         taus = torch.stack(

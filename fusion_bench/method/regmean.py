@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.base import key_progress
 from fusion_bench.method.calibration import CalibrationData, device_of
-from fusion_bench.tensor_ops import StateDict, expert_tensor, is_excluded, map_keys
+from fusion_bench.tensor_ops import StateDict, expert_labels, expert_tensor, is_excluded, map_keys
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def regmean(
     layers to solve; it is consumed one expert at a time (a generator may compute each expert's
     Grams when asked), and only the sums are kept. Keys without a Gram are averaged.
     """
-    names = list(names) if names is not None else [f"#{i}" for i in range(len(finetuned))]
+    names = expert_labels(finetuned, names)
     sum_gram: dict[str, Tensor] = {}
     sum_gram_weight: dict[str, Tensor] = {}
     count = 0

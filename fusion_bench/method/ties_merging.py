@@ -35,6 +35,7 @@ from fusion_bench.tensor_ops import (
     check_merge_func,
     disjoint_merge,
     elect_sign,
+    expert_labels,
     expert_tensor,
     kth_smallest_magnitudes,
     majority_sign,
@@ -44,10 +45,6 @@ from fusion_bench.tensor_ops import (
     ties_keep_rank,
     trim,
 )
-
-
-def _names(finetuned: Sequence[StateDict], names: Sequence[str] | None) -> list[str]:
-    return list(names) if names is not None else [f"#{i}" for i in range(len(finetuned))]
 
 
 def ties_thresholds(
@@ -61,7 +58,7 @@ def ties_thresholds(
     keys = list(mergeable_keys(pretrained, exclude_keys))
     numel = sum(pretrained[k].numel() for k in keys)
     rank = ties_keep_rank(numel, threshold)
-    names = _names(finetuned, names)
+    names = expert_labels(finetuned, names)
 
     def task_vectors():  # key by key, one expert's τ at a time; θ0 read once per key
         for key in keys:
@@ -83,7 +80,7 @@ def ties_merging(
     progress=None,
 ) -> dict[str, Tensor]:
     check_merge_func(merge_func)
-    names = _names(finetuned, names)
+    names = expert_labels(finetuned, names)
     kth = ties_thresholds(pretrained, finetuned, threshold, exclude_keys, names)
     sign_total = 0.0  # Σ of the elected signs over the whole vector: the majority sign
     undecided: list[tuple[str, Tensor, Tensor]] = []  # (key, flat index, (N, m) trimmed values)
@@ -133,7 +130,7 @@ def ties_trim_and_elect(
     """The trimmed task vectors with the entries that disagree with the elected sign zeroed
     (float32, mergeable keys only): what the disjoint merge sums, kept per expert (AdaMerging++
     learns coefficients on them). Holds all N task vectors in memory: N models' worth."""
-    names = _names(finetuned, names)
+    names = expert_labels(finetuned, names)
     kth = ties_thresholds(pretrained, finetuned, threshold, exclude_keys, names)
     keys = list(mergeable_keys(pretrained, exclude_keys))
     out: list[dict[str, Tensor]] = [{} for _ in finetuned]
