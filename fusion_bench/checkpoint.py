@@ -6,7 +6,7 @@ up and forgotten by the mapping afterwards. Merge functions iterate key by key o
 so a merge of N experts holds O(1) tensors per expert instead of N whole models.
 
 Formats:
-- safetensors (preferred): memory-mapped, per-tensor reads.
+- safetensors (preferred): the header parsed once, each tensor read by one positioned read.
 - torch pickles (``.pt``/``.bin``): loaded with ``weights_only=True`` and ``mmap=True`` (the zip
   format is mapped, not read). A file that needs full unpickling (e.g. a pickled ``nn.Module`` from
   the task_vectors code) is refused unless the user opts in with ``allow_unsafe_pickle``, because
@@ -21,6 +21,8 @@ import json
 import math
 import os
 import pickle
+import struct
+import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -39,42 +41,96 @@ def identity_keys(keys: Sequence[str]) -> dict[str, str]:
     return {k: k for k in keys}
 
 
+# safetensors dtype names -> torch dtypes, for the positioned reads below.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 class _SafetensorsFile:
-    """One safetensors file: header read once, each tensor through a short-lived mapping."""
+    """One safetensors file: validated by the safetensors library once, then each tensor read
+    with one positioned read (``os.preadv``) into a fresh tensor.
+
+    Why not ``safe_open(...).get_tensor`` per read: a handle kept open maps the file, and every
+    page a merge touches stays in the process's RSS, so peak RSS would grow with every expert read
+    (measured: +8 MB per 8 MB expert); a fresh handle per read re-parses the JSON header each time
+    (0.4 ms per tensor, measured: 0.7 s per pass over 8 ViT-B/32 experts). The file format is a
+    little-endian u64 header length, a JSON header with dtype/shape/byte offsets, then raw bytes,
+    so a positioned read is all a tensor needs. Dtypes outside the table (e.g. float8) fall back
+    to the library's reader.
+    """
 
     def __init__(self, path: Path):
         from safetensors import safe_open
 
         try:
-            self._handle = safe_open(str(path), framework="pt", device="cpu")
-            self._keys = list(self._handle.keys())
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                self._keys = list(handle.keys())
+            with open(path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(header_len))
         except Exception as e:  # SafetensorError and OSError have no common base worth naming
             raise FusionBenchError(
                 f"Cannot read checkpoint '{path}': {e}. The file is corrupted or truncated; "
                 "re-download or re-save it."
             ) from None
         self.path = path
+        self._data_start = 8 + header_len
+        self._entries = {k: v for k, v in header.items() if k != "__metadata__"}
 
     def keys(self) -> list[str]:
         return self._keys
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._handle.get_slice(key).get_shape())
+        return tuple(self._entries[key]["shape"])
 
     def get(self, key: str) -> Tensor:
-        # A fresh handle per read, closed at once: the tensor is a copy, and pages of a mapping
-        # kept open would stay in this process's RSS, so a merge's peak RSS would grow with every
-        # expert it has read (measured: +8 MB per 8 MB expert) although the memory is reclaimable.
+        entry = self._entries[key]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None or sys.byteorder != "little":
+            return self._get_with_library(key)
+        begin, end = entry["data_offsets"]
+        out = torch.empty(entry["shape"], dtype=dtype)
+        buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        if len(buffer) != end - begin:
+            raise self._error(key, f"header says {end - begin} bytes for {len(buffer)}")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < len(buffer):
+                n = os.preadv(fd, [buffer[done:]], self._data_start + begin + done)
+                if n == 0:
+                    raise self._error(key, "unexpected end of file")
+                done += n
+        except OSError as e:
+            raise self._error(key, str(e)) from None
+        finally:
+            os.close(fd)
+        return out
+
+    def _get_with_library(self, key: str) -> Tensor:
         from safetensors import safe_open
 
         try:
             with safe_open(str(self.path), framework="pt", device="cpu") as handle:
                 return handle.get_tensor(key)
         except Exception as e:
-            raise FusionBenchError(
-                f"Cannot read tensor '{key}' from '{self.path}': {e}. The file is corrupted or "
-                "truncated; re-download or re-save it."
-            ) from None
+            raise self._error(key, str(e)) from None
+
+    def _error(self, key: str, reason: str) -> FusionBenchError:
+        return FusionBenchError(
+            f"Cannot read tensor '{key}' from '{self.path}': {reason}. The file is corrupted or "
+            "truncated; re-download or re-save it."
+        )
 
 
 class _TorchFile:

@@ -147,10 +147,35 @@ _HALF_BITS = 16
 _BUCKETS = 1 << _HALF_BITS
 
 
-def _magnitude_bits(t: Tensor) -> Tensor:
-    """|t| as int32 bit patterns, flattened. Non-negative IEEE floats order like their bit patterns
-    read as integers, so selecting on the bits selects on the magnitudes."""
-    return t.detach().to(torch.float32).abs().contiguous().view(torch.int32).reshape(-1)
+class Scratch:
+    """Reusable flat buffers, one per (name, size, dtype). Streaming passes call the same
+    elementwise ops on tensors of a handful of shapes thousands of times; writing into reused
+    buffers (``out=``) instead of fresh allocations avoids a page fault per page of every
+    temporary, which measured as half the time of TIES's threshold passes."""
+
+    def __init__(self):
+        self._buffers: dict[tuple[str, int, torch.dtype], Tensor] = {}
+
+    def __call__(self, name: str, numel: int, dtype: torch.dtype) -> Tensor:
+        key = (name, numel, dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(numel, dtype=dtype)
+        return self._buffers[key]
+
+
+def _magnitude_bits(t: Tensor, scratch: Scratch) -> Tensor:
+    """|t| as int32 bit patterns, flattened, in a scratch buffer. Non-negative IEEE floats order
+    like their bit patterns read as integers, so selecting on the bits selects on the magnitudes."""
+    flat = t.detach().reshape(-1)
+    out = scratch("magnitude", flat.numel(), torch.float32)
+    torch.abs(flat.to(torch.float32), out=out)
+    return out.view(torch.int32)
+
+
+def _high_bits(bits: Tensor, scratch: Scratch) -> Tensor:
+    return torch.bitwise_right_shift(
+        bits, _HALF_BITS, out=scratch("high", bits.numel(), torch.int32)
+    )
 
 
 def _count_into(hist: Tensor, buckets: Tensor) -> None:
@@ -190,9 +215,10 @@ def kth_smallest_magnitudes(
     share (θ0) once per key instead of once per vector, still holding one piece at a time.
     """
     n = len(ranks)
+    scratch = Scratch()
     high_hists = [torch.zeros(_BUCKETS, dtype=torch.int64) for _ in range(n)]
     for i, t in chunks():
-        _count_into(high_hists[i], _magnitude_bits(t) >> _HALF_BITS)
+        _count_into(high_hists[i], _high_bits(_magnitude_bits(t, scratch), scratch))
     selected = []
     for hist, rank in zip(high_hists, ranks, strict=True):
         total = int(hist.sum())
@@ -203,8 +229,10 @@ def kth_smallest_magnitudes(
 
     low_hists = [torch.zeros(_BUCKETS, dtype=torch.int64) for _ in range(n)]
     for i, t in chunks():
-        bits = _magnitude_bits(t)
-        _count_into(low_hists[i], bits[(bits >> _HALF_BITS) == selected[i][0]] & (_BUCKETS - 1))
+        bits = _magnitude_bits(t, scratch)
+        high = _high_bits(bits, scratch)
+        in_bucket = torch.eq(high, selected[i][0], out=scratch("mask", bits.numel(), torch.bool))
+        _count_into(low_hists[i], bits[in_bucket] & (_BUCKETS - 1))
     out = []
     for hist, (high, rank_in_bucket) in zip(low_hists, selected, strict=True):
         low, _ = _select_bucket(hist, rank_in_bucket)
@@ -264,40 +292,84 @@ def check_merge_func(merge_func: str) -> None:
 
 
 class DisjointMerge:
-    """TIES disjoint merge, accumulated one expert at a time (memory independent of N).
+    """TIES election and disjoint merge in ONE pass over the experts (memory independent of N).
 
-    ``sum`` (FusionBench's default): Σ of the agreeing entries; ``mean`` (the paper): their mean
-    over the experts that agree and are non-zero; ``max``: the largest agreeing magnitude, signed.
+    ``add`` accumulates per entry what both steps need: S = Σ_i t_i (its sign is the elected sign
+    γ, :meth:`signs`), and for the disjoint merge, with ``g`` = +1 where the resolved sign is
+    positive and −1 elsewhere (the reference: a sign that is not positive selects the negative
+    entries), the agreeing part A of the entries follows from sums that do not depend on γ:
+
+    - ``sum`` (FusionBench's default): A = (S + g·Σ|t_i|) / 2, since S = g(A − D) and
+      Σ|t_i| = A + D (D: the disagreeing magnitudes). As γ = sign(S) gives A ≥ D, the rounding
+      error is a few ulps of A: no cancellation.
+    - ``mean`` (the paper): A / max(1, c) with c = (#non-zero + g·Σ sign t_i) / 2 agreeing experts.
+    - ``max``: the largest agreeing magnitude times the sign: the running max of t (g = +1) or of
+      −t (g = −1).
     """
 
-    def __init__(self, signs: Tensor, merge_func: str):
+    def __init__(self, like: Tensor, merge_func: str):
         check_merge_func(merge_func)
-        self.signs, self.merge_func = signs, merge_func
-        self.acc = torch.zeros_like(signs)
-        self.count = torch.zeros_like(signs) if merge_func == "mean" else None
+        self.merge_func = merge_func
+        self.total = torch.zeros_like(like)  # S
+        self._work = torch.empty_like(like)  # scratch of add(): no allocation per expert
+        if merge_func == "max":
+            self.pos = torch.zeros_like(like)
+            self.neg = torch.zeros_like(like)
+        else:
+            self.abs_total = torch.zeros_like(like)
+        if merge_func == "mean":
+            self.nonzero = torch.zeros_like(like)
+            self.sign_total = torch.zeros_like(like)
 
     def add(self, trimmed: Tensor) -> None:
-        keep = agrees(trimmed, self.signs)
+        self.total += trimmed
+        work = self._work
         if self.merge_func == "max":
-            torch.maximum(self.acc, trimmed.abs() * keep, out=self.acc)
+            torch.maximum(self.pos, trimmed, out=self.pos)
+            torch.maximum(self.neg, torch.neg(trimmed, out=work), out=self.neg)
             return
-        self.acc += trimmed * keep
-        if self.count is not None:
-            self.count += keep
-
-    def result(self) -> Tensor:
+        self.abs_total += torch.abs(trimmed, out=work)
         if self.merge_func == "mean":
-            return self.acc / self.count.clamp(min=1)
+            self.sign_total += torch.sign(trimmed, out=work)
+            self.nonzero += torch.abs(work, out=work)
+
+    def signs(self) -> Tensor:
+        """The elected signs (0 where S is exactly 0: see :func:`resolve_zero_signs`)."""
+        return elect_sign(self.total)
+
+    def nonzero_any(self) -> Tensor:
+        """Where at least one added tensor was non-zero."""
         if self.merge_func == "max":
-            return self.acc * self.signs
-        return self.acc
+            return (self.pos != 0) | (self.neg != 0)
+        return self.abs_total != 0
+
+    def result(self, signs: Tensor) -> Tensor:
+        """The disjoint merge for the resolved ``signs``."""
+        g = torch.where(signs > 0, 1.0, -1.0).to(self.total.dtype)
+        if self.merge_func == "max":
+            return torch.where(signs > 0, self.pos, -self.neg) * signs.abs()
+        agreeing = (self.total + g * self.abs_total) / 2
+        if self.merge_func == "mean":
+            count = (self.nonzero + g * self.sign_total) / 2
+            return agreeing / count.clamp(min=1)
+        return agreeing
+
+    def select(self, index: Tensor) -> DisjointMerge:
+        """The accumulators at the flat positions ``index`` only (kept aside, small, for entries
+        whose sign is decided at the end)."""
+        part = DisjointMerge.__new__(DisjointMerge)
+        part.merge_func = self.merge_func
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor) and name != "_work":
+                setattr(part, name, value.reshape(-1)[index])
+        return part
 
 
 def disjoint_merge(trimmed: Sequence[Tensor], signs: Tensor, merge_func: str) -> Tensor:
     merger = DisjointMerge(signs, merge_func)
     for t in trimmed:
         merger.add(t)
-    return merger.result()
+    return merger.result(signs)
 
 
 def key_seed(seed: int, index: int, key: str) -> int:

@@ -13,6 +13,7 @@ from fusion_bench.method.task_arithmetic import task_arithmetic
 from fusion_bench.tensor_ops import (
     DisjointMerge,
     add_weighted_task_vectors,
+    agrees,
     check_same_architecture,
     dare_drop,
     elect_sign,
@@ -165,7 +166,16 @@ def test_sign_election_and_disjoint_merge_by_hand():
         merger = DisjointMerge(resolved, func)
         for t in trimmed:
             merger.add(t)
-        assert merger.result().tolist() == values, func
+        assert torch.equal(merger.signs(), signs)
+        assert merger.result(resolved).tolist() == values, func
+        direct = [  # the reference's two-pass form: keep the agreeing entries, then reduce
+            torch.where(agrees(t, resolved), t, torch.zeros_like(t)) for t in trimmed
+        ]
+        stacked = torch.stack(direct)
+        if func == "sum":
+            assert merger.result(resolved).tolist() == stacked.sum(0).tolist()
+        part = merger.select(torch.tensor([1, 3]))
+        assert part.result(resolved[[1, 3]]).tolist() == [values[1], values[3]], func
     with pytest.raises(FusionBenchError, match="merge_func"):
         DisjointMerge(resolved, "median")
 

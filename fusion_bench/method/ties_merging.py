@@ -30,10 +30,10 @@ from torch import Tensor
 from fusion_bench.method.base import key_progress
 from fusion_bench.tensor_ops import (
     DisjointMerge,
+    Scratch,
     StateDict,
     agrees,
     check_merge_func,
-    disjoint_merge,
     elect_sign,
     expert_labels,
     expert_tensor,
@@ -60,11 +60,14 @@ def ties_thresholds(
     rank = ties_keep_rank(numel, threshold)
     names = expert_labels(finetuned, names)
 
+    scratch = Scratch()
+
     def task_vectors():  # key by key, one expert's τ at a time; θ0 read once per key
         for key in keys:
             base = pretrained[key].to(torch.float32)
+            tau = scratch("tau", base.numel(), torch.float32).view(base.shape)
             for i, (expert, name) in enumerate(zip(finetuned, names, strict=True)):
-                yield i, expert_tensor(expert, key, base, name) - base
+                yield i, torch.sub(expert_tensor(expert, key, base, name), base, out=tau)
 
     return kth_smallest_magnitudes(task_vectors, [rank] * len(finetuned))
 
@@ -83,40 +86,35 @@ def ties_merging(
     names = expert_labels(finetuned, names)
     kth = ties_thresholds(pretrained, finetuned, threshold, exclude_keys, names)
     sign_total = 0.0  # Σ of the elected signs over the whole vector: the majority sign
-    undecided: list[tuple[str, Tensor, Tensor]] = []  # (key, flat index, (N, m) trimmed values)
-
-    def trimmed(key: str, base: Tensor):
-        for expert, name, t in zip(finetuned, names, kth, strict=True):
-            yield trim(expert_tensor(expert, key, base, name) - base, t)
+    undecided: list[tuple[str, Tensor, DisjointMerge]] = []  # (key, flat index, accumulators)
+    scratch = Scratch()
 
     def merge_key(key: str, base: Tensor) -> Tensor:
         nonlocal sign_total
-        trimmed_sum = torch.zeros_like(base)
-        any_nonzero = torch.zeros_like(base, dtype=torch.bool)
-        for tau in trimmed(key, base):  # sub-pass 1: elect the signs
-            trimmed_sum += tau
-            any_nonzero |= tau != 0
-        signs = elect_sign(trimmed_sum)
-        del trimmed_sum
+        merger = DisjointMerge(base, merge_func)
+        tau = scratch("tau", base.numel(), torch.float32).view(base.shape)
+        magnitude = scratch("magnitude", base.numel(), torch.float32).view(base.shape)
+        kept = scratch("kept", base.numel(), torch.bool).view(base.shape)
+        for expert, name, t in zip(finetuned, names, kth, strict=True):
+            torch.sub(expert_tensor(expert, key, base, name), base, out=tau)
+            torch.ge(torch.abs(tau, out=magnitude), t, out=kept)
+            merger.add(tau.mul_(kept))  # trim(τ, t), in place
+        signs = merger.signs()
         sign_total += float(signs.sum(dtype=torch.float64))
-        pending = ((signs == 0) & any_nonzero).reshape(-1).nonzero().squeeze(1)
-        merger = DisjointMerge(signs, merge_func)
-        values = []
-        for tau in trimmed(key, base):  # sub-pass 2: disjoint merge
-            merger.add(tau)
-            if len(pending):
-                values.append(tau.reshape(-1)[pending])
-        merged = merger.result()
-        if len(pending):  # decided at the end, once the majority sign is known
+        merged = merger.result(signs)
+        # Sign 0 with non-zero trimmed values (exact cancellations, rare): decided at the end,
+        # once the majority sign is known.
+        pending = ((signs == 0) & merger.nonzero_any()).reshape(-1).nonzero().squeeze(1)
+        if len(pending):
             merged.reshape(-1)[pending] = 0.0
-            undecided.append((key, pending, torch.stack(values)))
+            undecided.append((key, pending, merger.select(pending)))
         return base + scaling_factor * merged
 
     out = map_keys(pretrained, merge_key, exclude_keys, progress)
     majority = majority_sign(sign_total)
-    for key, pending, values in undecided:
-        signs = torch.full((values.shape[1],), majority)
-        out[key].view(-1)[pending] += scaling_factor * disjoint_merge(values, signs, merge_func)
+    for key, pending, part in undecided:
+        signs = torch.full((len(pending),), majority)
+        out[key].view(-1)[pending] += scaling_factor * part.result(signs)
     return out
 
 
