@@ -392,3 +392,71 @@ def dare_drop(
     keep = torch.rand(tau.shape, generator=generator) >= sparsity_ratio
     dropped = tau * keep
     return dropped / (1.0 - sparsity_ratio) if rescale else dropped
+
+
+# --- Spectral pieces: what TSV-M and Iso-C are built from ---
+
+
+def _gram_eigh(a: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Eigen-decomposition, in float64, of the smaller Gram matrix of the 2-D tensor ``a``:
+    (eigenvalues descending = squared singular values, eigenvectors, ``wide``). ``wide`` means
+    m ≤ n and the eigenvectors are the left singular vectors; otherwise they are the right ones."""
+    a64 = a.to(torch.float64)
+    wide = a.shape[0] <= a.shape[1]
+    gram = a64 @ a64.T if wide else a64.T @ a64
+    # LAPACK's eigensolver on one thread: with two OpenMP threads and one core busy elsewhere it
+    # measured 100x slower (11.5 s instead of 0.11 s for 768×768), and idle it gains little.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        values, vectors = torch.linalg.eigh(gram)
+    finally:
+        torch.set_num_threads(threads)
+    return values.flip(0).clamp(min=0.0), vectors.flip(1), wide
+
+
+def _nonzero_singular(values: Tensor) -> Tensor:
+    """Which squared singular values are numerically non-zero (relative to the largest)."""
+    return values > values[0] * values.numel() * 1e-13 if values.numel() else values > 0
+
+
+def top_singular_triplets(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``k`` largest singular triplets of the 2-D tensor ``a``: ``U`` (m×k), ``s`` (k),
+    ``Vh`` (k×n), float32, like ``torch.linalg.svd(a, full_matrices=False)`` truncated to k.
+
+    Computed from the eigen-decomposition of the smaller Gram matrix in float64 (measured on 2
+    CPU cores: 1.8× faster than a full float32 SVD for a 3072×768 matrix, reconstruction within
+    2e-5 of it); the float64 Gram keeps the kept triplets accurate to float32 precision. Singular
+    vectors of (numerically) zero singular values are returned as zeros: for those the SVD itself
+    is not unique.
+    """
+    values, vectors, wide = _gram_eigh(a)
+    values, vectors = values[:k], vectors[:, :k]
+    s = values.sqrt()
+    inv = torch.where(_nonzero_singular(values), 1.0 / s.clamp(min=1e-300), 0.0)
+    a64 = a.to(torch.float64)
+    if wide:
+        u, vh = vectors, (vectors.T @ a64) * inv[:, None]
+        u = u * (inv > 0)
+    else:
+        u, vh = (a64 @ vectors) * inv, vectors.T
+        vh = vh * (inv > 0)[:, None]
+    return u.float(), s.float(), vh.float()
+
+
+def polar_factor(a: Tensor) -> tuple[Tensor, Tensor]:
+    """The orthogonal polar factor ``U Vh`` of the 2-D tensor ``a = U diag(s) Vh`` (thin SVD)
+    and its singular values ``s`` (descending), float32.
+
+    Computed as ``a V diag(1/s) Vh`` (or ``U diag(1/s) Uᵀ a``) from the float64 eigen-decomposition
+    of the smaller Gram matrix, without forming the SVD. Directions with a (numerically) zero
+    singular value contribute nothing: there the SVD's vectors are arbitrary, so ``U Vh`` is not
+    unique either.
+    """
+    values, vectors, wide = _gram_eigh(a)
+    s = values.sqrt()
+    inv = torch.where(_nonzero_singular(values), 1.0 / s.clamp(min=1e-300), 0.0)
+    a64 = a.to(torch.float64)
+    projector = (vectors * inv) @ vectors.T
+    factor = projector @ a64 if wide else a64 @ projector
+    return factor.float(), s.float()

@@ -97,6 +97,23 @@ def test_ties_equals_dense_reference(pool, merge_func, threshold):
     assert_state_dict_close(out, dense_ties(pre, fts, 0.7, threshold, merge_func))
 
 
+@pytest.mark.parametrize("merge_func", ["sum", "mean", "max"])
+def test_ties_equals_dense_reference_with_many_tied_magnitudes(merge_func):
+    # Task-vector entries from a handful of values: many entries tie with each threshold and many
+    # signed sums cancel exactly, the cases where a streaming threshold or a one-pass disjoint
+    # merge could go wrong.
+    pre = make_state(0)
+    g = torch.Generator().manual_seed(7)
+    levels = torch.tensor([-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3])
+    fts = []
+    for _ in range(4):
+        tau = {k: levels[torch.randint(0, 7, pre[k].shape, generator=g)] for k in FLOAT_KEYS}
+        fts.append(expert_of(pre, tau))
+    for threshold in (10, 20, 50, 100):
+        out = ties_merging(pre, fts, 1.0, threshold, merge_func)
+        assert_state_dict_close(out, dense_ties(pre, fts, 1.0, threshold, merge_func))
+
+
 def test_ties_lambda_zero_and_identical_experts(pool):
     pre, fts = pool
     assert_state_dict_close(ties_merging(pre, fts, 0.0), pre)
@@ -256,6 +273,8 @@ CLI_METHODS = {
     "dare": ["method.base=ties_merging"],
     "magmax": [],
     "model_stock": [],
+    "tsv_m": [],
+    "iso_c": [],
 }
 
 

@@ -12,8 +12,10 @@ For task vectors τ_i = θ_i − θ0 over the whole model (all mergeable keys fl
 
 The global thresholds are exact without holding N × P floats: a streaming radix selection
 (:func:`fusion_bench.tensor_ops.kth_smallest_magnitudes`: two passes over the keys, all tasks
-together, one τ tensor at a time), then one pass key by key that trims, elects and merges (each expert read twice per key, so the memory is
-the output plus O(1) tensors of one key, independent of N). Entries whose elected sign is 0 but
+together, one τ tensor at a time), then one pass key by key that trims, elects and merges, each
+expert read once per key: :class:`fusion_bench.tensor_ops.DisjointMerge` accumulates sums that
+do not depend on the elected sign, from which the disjoint sum, mean or max follow exactly. The
+memory is the output plus O(1) tensors of one key, independent of N. Entries whose elected sign is 0 but
 that have non-zero trimmed values (exact cancellations, rare) are kept aside, sparsely, until the
 majority sign is known at the end.
 
