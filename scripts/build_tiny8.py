@@ -966,6 +966,33 @@ def load_pretrained():
 # --------------------------------------------------------------------------------------------------
 # stage: finetune (experts: image tower only, zero-shot head frozen)
 # --------------------------------------------------------------------------------------------------
+def trainable_params(visual, which="all"):
+    """The image-tower parameters an expert fine-tunes; the others get ``requires_grad=False``.
+
+    ``all``: every parameter (the task_vectors protocol). ``attn``: only the self-attention modules of
+    the transformer blocks (q/k/v input projection and output projection, weights and biases), as in
+    Jin et al., "Fine-Tuning Attention Modules Only: Enhancing Weight Disentanglement in Task
+    Arithmetic" (ICLR 2025); the stored expert then differs from the pre-trained tower only there.
+    """
+    import torch
+
+    if which == "all":
+        return [p for p in visual.parameters() if p.requires_grad]
+    if which != "attn":
+        raise ValueError(f"unknown --ft-params {which!r}")
+    keep = {
+        id(p)
+        for m in visual.modules()
+        if isinstance(m, torch.nn.MultiheadAttention)
+        for p in m.parameters()
+    }
+    if not keep:
+        raise ValueError("no nn.MultiheadAttention module in the image tower")
+    for p in visual.parameters():
+        p.requires_grad_(id(p) in keep)
+    return [p for p in visual.parameters() if p.requires_grad]
+
+
 def stage_finetune(args):
     import copy
 
@@ -979,6 +1006,7 @@ def stage_finetune(args):
     )  # temperature of the frozen head while training
     log(
         f"finetune: lr {args.ft_lr}, {args.ft_steps} steps x batch {args.ft_batch}, head logit scale {scale:.1f}"
+        + (f", trains {args.ft_params} params only" if args.ft_params != "all" else "")
     )
     for ti, task in enumerate(TASKS):
         torch.manual_seed(SEED + ti)
@@ -987,7 +1015,7 @@ def stage_finetune(args):
         X, y = load_split_tensors(task, "train", preprocess, cache)
         visual = copy.deepcopy(model.visual)
         visual.train()
-        params = [p for n, p in visual.named_parameters() if p.requires_grad]
+        params = trainable_params(visual, args.ft_params)
         opt = torch.optim.AdamW(params, lr=args.ft_lr, weight_decay=args.ft_wd)
         steps = args.ft_steps
         warm = max(1, steps // 10)
@@ -1104,6 +1132,13 @@ def main(argv=None):
         type=float,
         default=0.0,
         help="logit scale of the frozen zero-shot head during fine-tuning (0: the model's own)",
+    )
+    ap.add_argument(
+        "--ft-params",
+        default="all",
+        choices=["all", "attn"],
+        help="image-tower parameters the experts fine-tune: all (default) or only the attention "
+        "modules' q/k/v/out projections (Jin et al., ICLR 2025)",
     )
     ap.add_argument("--fp16", type=int, default=1)
     args = ap.parse_args(argv)

@@ -38,10 +38,11 @@ def main(argv=None):
     ap.add_argument(
         "--out", default=None, help="checkpoint folder (default fusion_bench/data/tiny8)"
     )
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     args = ap.parse_args(argv)
     if args.out:
         B.OUT = Path(args.out).resolve()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     t0 = time.time()
     model, preprocess, tokenizer = B.load_pretrained()
     scale = model.logit_scale.exp().item()

@@ -197,3 +197,14 @@ def test_dare_drop_rate_rescale_and_reproducibility():
     assert torch.equal(dare_drop(tau, 0.0, True, torch.Generator()), tau)
     with pytest.raises(FusionBenchError, match="sparsity_ratio"):
         dare_drop(tau, 1.0, True, torch.Generator())
+
+
+def test_kth_smallest_magnitude_on_large_chunks_matches_kthvalue():
+    # chunks above the bincount threshold (2^18 entries) and small ones, with repeated values
+    g = torch.Generator().manual_seed(11)
+    big = torch.randn(300_000, generator=g).round(decimals=3)
+    small = torch.randn(1000, generator=g)
+    flat = torch.cat([big, small]).abs()
+    for rank in (1, 1234, 150_000, flat.numel()):
+        kth = kth_smallest_magnitude(lambda: [big, small], rank)
+        assert kth.item() == flat.kthvalue(rank).values.item()
