@@ -117,3 +117,23 @@ def test_unknown_expert(hf_pool_files):
     pool = CLIPVisionModelPool(hf_pool_files["pretrained"], hf_pool_files["experts"])
     with pytest.raises(FusionBenchError, match="Did you mean 'mnist'"):
         pool.expert("mnistt")
+
+
+def test_safetensors_positioned_reads_round_trip_and_truncation_after_open(tmp_path):
+    path = tmp_path / "m.safetensors"
+    tensors = {
+        "bf16": torch.randn(3, 5).to(torch.bfloat16),
+        "f16": torch.randn(7).half(),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "ints": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "w": torch.randn(64, 64),
+    }
+    save_file(tensors, path)
+    lazy = LazyStateDict([path])
+    for key, value in tensors.items():
+        assert lazy[key].dtype == value.dtype and torch.equal(lazy[key], value), key
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])  # the file shrinks after it was opened
+    with pytest.raises(FusionBenchError, match="corrupted or truncated"):
+        lazy["w"]
