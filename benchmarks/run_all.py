@@ -66,8 +66,8 @@ CASES = [
     Case("magmax", "magmax"),
     Case("weighted_average", "weighted_average", ["weights={weights}"]),
     Case("model_stock", "model_stock", streaming=False),  # holds the N tensors of one key
-    Case("tsv_m", "tsv_m", streaming=False),
-    Case("iso_c", "iso_c", streaming=False),
+    Case("tsv_m", "tsv_m"),  # per key: U, s, V of one tensor, whatever N
+    Case("iso_c", "iso_c"),  # per key: one running sum and its Gram matrix
     # the runner's way of saving (CLIPVisionModel.save_pretrained via modelpool.save)
     Case(
         "task_arithmetic (save_pretrained)", "task_arithmetic", ["scaling_factor=0.3"], save="pool"
