@@ -10,7 +10,7 @@ from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.iso_c import iso_c
 from fusion_bench.method.task_arithmetic import task_arithmetic
 from fusion_bench.method.tsv_m import tsv_m
-from fusion_bench.tensor_ops import polar_factor, top_singular_triplets
+from fusion_bench.tensor_ops import parallel_map, polar_factor, top_singular_triplets
 from fusion_bench.testing import assert_state_dict_close
 
 
@@ -141,3 +141,24 @@ def test_average_keys_and_clear_errors(pool):
     many = [fts[0]] * 13  # r = 12 for attn.weight: ⌊12 / 13⌋ = 0 singular vectors per task
     with pytest.raises(FusionBenchError, match="average_keys"):
         tsv_m(pre, many, 1.0)
+
+
+def test_parallel_decompositions_equal_sequential_and_restore_threads(pool):
+    # the test suite runs torch on one thread (conftest), where parallel_map is a plain loop
+    pre, fts = pool
+    sequential = tsv_m(pre, fts, 1.0), iso_c(pre, fts, 1.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parallel = tsv_m(pre, fts, 1.0), iso_c(pre, fts, 1.0)
+        assert torch.get_num_threads() == 2
+        assert parallel_map(lambda x: (x, torch.get_num_threads()), [1, 2, 3]) == [
+            (1, 1),
+            (2, 1),
+            (3, 1),
+        ]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for seq, par in zip(sequential, parallel, strict=True):
+        assert_state_dict_close(par, seq)

@@ -14,8 +14,11 @@ equations). For a rank-deficient Δ the SVD's null-space vectors are arbitrary a
 not unique; here those directions get nothing.
 
 Run: ``fusion_bench method=iso_c method.scaling_factor=1.0``
-Memory: the merged output + the running sum of the current key and its Gram matrices: independent
-of N. Time: one eigen-decomposition per 2-D tensor.
+Two passes: the task-vector sums of every key are streamed into the output (expert by expert,
+key by key), then the decompositions run over the 2-D keys spread over torch's threads
+(:func:`fusion_bench.tensor_ops.parallel_map`). Memory: the output (holding the sums in between)
++ one key's Gram matrix and eigenvectors per thread: independent of N. Time: one
+eigen-decomposition per 2-D tensor.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from fusion_bench.tensor_ops import (
     expert_tensor,
     is_excluded,
     map_keys,
+    mergeable_keys,
+    parallel_map,
     polar_factor,
 )
 
@@ -47,17 +52,27 @@ def iso_c(
 ) -> dict[str, Tensor]:
     names = expert_labels(finetuned, names)
 
-    def merge_key(key: str, base: Tensor) -> Tensor:
+    def sum_key(key: str, base: Tensor) -> Tensor:  # pass 1, streamed: Σ_t τ_t of this key
         total = torch.zeros_like(base)
         tau = torch.empty_like(base)
         for expert, name in zip(finetuned, names, strict=True):
             total += torch.sub(expert_tensor(expert, key, base, name), base, out=tau)
-        if base.dim() != 2 or is_excluded(key, average_keys):
-            return base + scaling_factor * (total / len(finetuned))
-        orthogonal, singular_values = polar_factor(total)
-        return base + (scaling_factor * singular_values.mean()) * orthogonal
+        return total
 
-    return map_keys(pretrained, merge_key, exclude_keys, progress)
+    out = map_keys(pretrained, sum_key, exclude_keys, progress)
+    merged = [k for k in mergeable_keys(pretrained, exclude_keys)]
+    spectral = [k for k in merged if out[k].dim() == 2 and not is_excluded(k, average_keys)]
+    for key in merged:
+        if key not in spectral:
+            out[key] = pretrained[key].float() + scaling_factor * (out[key] / len(finetuned))
+
+    def flatten(key: str) -> None:  # pass 2: the decompositions, spread over torch's threads
+        orthogonal, singular_values = polar_factor(out[key])
+        update = (scaling_factor * singular_values.mean()) * orthogonal
+        out[key] = pretrained[key].float() + update
+
+    parallel_map(flatten, spectral)
+    return out
 
 
 class IsoC:

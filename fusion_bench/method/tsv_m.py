@@ -18,8 +18,9 @@ the same quantities as the reference's ``torch.linalg.svd`` calls (tests check i
 SVD implementation of the paper's equations), cheaper on CPU.
 
 Run: ``fusion_bench method=tsv_m method.scaling_factor=1.0``
-Memory: the merged output + for the current key one expert's τ and U, s, V (m×r + r×n): about
-three copies of the largest matrix, independent of N. Time: T SVDs per 2-D tensor.
+Memory: the merged output + for the current key U, s, V (m×r + r×n) and one τ per worker thread:
+a few copies of the largest matrix, independent of N. Time: T + 2 eigen-decompositions per 2-D
+tensor, spread over torch's threads (:func:`fusion_bench.tensor_ops.parallel_map`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fusion_bench.tensor_ops import (
     expert_tensor,
     is_excluded,
     map_keys,
+    parallel_map,
     polar_factor,
     top_singular_triplets,
 )
@@ -78,13 +80,16 @@ def tsv_m(
         u_all = torch.zeros(m, r)
         s_all = torch.zeros(r)
         v_all = torch.zeros(r, n)
-        for t, tau in enumerate(task_vectors(key, base)):
-            u, s, vh = top_singular_triplets(tau, k)
+
+        def compress(t: int):  # TSV-C of one task: its top-k singular triplets
+            tau = expert_tensor(finetuned[t], key, base, names[t]) - base
+            return top_singular_triplets(tau, k)
+
+        for t, (u, s, vh) in enumerate(parallel_map(compress, range(n_tasks))):
             u_all[:, t * k : (t + 1) * k] = u
             s_all[t * k : (t + 1) * k] = s
             v_all[t * k : (t + 1) * k] = vh
-        u_orth, _ = polar_factor(u_all)
-        v_orth, _ = polar_factor(v_all)
+        (u_orth, _), (v_orth, _) = parallel_map(polar_factor, [u_all, v_all])
         return base + scaling_factor * ((u_orth * s_all) @ v_orth)
 
     return map_keys(pretrained, merge_key, exclude_keys, progress)
