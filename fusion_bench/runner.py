@@ -92,7 +92,11 @@ def run(cfg: DictConfig) -> dict:
         t = time.perf_counter()
         metrics = taskpool.evaluate(model, fabric)
         timings["evaluate_s"] = time.perf_counter() - t
-        print(format_table(metrics, taskpool.tasks, taskpool.splits, title=method_name))
+        # With several processes (fabric.devices > 1) every rank evaluates the same merged model;
+        # only rank 0 prints, saves and writes the report (Lightning loggers are rank-0 only).
+        outputs = fabric.is_global_zero
+        if outputs:
+            print(format_table(metrics, taskpool.tasks, taskpool.splits, title=method_name))
 
         # 5. outputs
         for logger in loggers:
@@ -107,7 +111,7 @@ def run(cfg: DictConfig) -> dict:
                     logger.log_table(
                         key=f"{split}/per_task", columns=["task", "acc", "loss"], data=rows
                     )
-        if cfg.merged_model_save_path:
+        if cfg.merged_model_save_path and outputs:
             save_merged(modelpool, result, Path(cfg.merged_model_save_path), cfg, metrics)
         report = {
             "method": method_name,
@@ -119,7 +123,7 @@ def run(cfg: DictConfig) -> dict:
             "modelpool": modelpool.describe(),
             "environment": environment(),
         }
-        if cfg.report_save_path:
+        if cfg.report_save_path and outputs:
             path = Path(cfg.report_save_path)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2, default=str))

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -176,3 +177,37 @@ def test_cli_sweep(cli_args, tmp_path, capsys):
         "1",
     ]
     assert len(list(sweep.glob("*/report.json"))) == 2
+
+
+def test_two_processes_on_cpu(cli_args, tmp_path):
+    # fabric.devices=2 with DDP on CPU (gloo): the path several GPUs take, in fresh processes
+    # (Lightning's launcher re-runs the command line, so not inside pytest's process). λ's
+    # gradients are averaged over the ranks; only rank 0 prints, saves λ and writes the report.
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fusion_bench",
+            *cli_args,
+            "fabric.accelerator=cpu",
+            "fabric.devices=2",
+            "+fabric.strategy=ddp",
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Starting with 2 processes" in proc.stderr + proc.stdout
+    assert proc.stdout.count("== adamerging_layer_wise ==") == 1, proc.stdout
+    report = json.loads((run_dir / "report.json").read_text())
+    assert 0.0 <= report["metrics"]["test/avg_acc"] <= 1.0
+    lambdas = json.loads((run_dir / "adamerging_weights.json").read_text())["lambdas"]
+    assert all(0.0 <= v <= 1.0 for row in lambdas for v in row)
