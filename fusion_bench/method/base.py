@@ -23,6 +23,15 @@ class Method(Protocol):
     def run(self, modelpool: Any, fabric: Any = None) -> Any: ...
 
 
+def merge_pool(merge: Callable[..., Any], modelpool: Any, desc: str, *hyperparameters: Any) -> Any:
+    """``merge(pretrained, experts, *hyperparameters, names, progress)`` on a model pool: what the
+    ``run()`` of every data-free method does. The checkpoints are opened lazily (tensors are read
+    key by key inside ``merge``); ``progress`` is a bar over the state-dict keys named ``desc``."""
+    names = modelpool.expert_names
+    experts = [modelpool.expert(n) for n in names]
+    return merge(modelpool.pretrained(), experts, *hyperparameters, names, key_progress(desc))
+
+
 def key_progress(desc: str) -> Callable[[Iterable[str]], Iterable[str]]:
     """A progress bar over state-dict keys (tqdm writes to stderr and hides itself off a TTY
     only when asked, so long merges show progress in logs too)."""

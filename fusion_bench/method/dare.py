@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import key_progress
+from fusion_bench.method.base import merge_pool
 from fusion_bench.method.simple_average import simple_average
 from fusion_bench.method.task_arithmetic import task_arithmetic
 from fusion_bench.method.ties_merging import ties_merging
@@ -144,13 +144,13 @@ class Dare:
         self.exclude_keys = list(exclude_keys or [])
 
     def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        names = modelpool.expert_names
         scaling = self.scaling_factor
         if not isinstance(scaling, (int, float)):
             scaling = list(scaling)
-        return dare(
-            modelpool.pretrained(),
-            [modelpool.expert(n) for n in names],
+        return merge_pool(
+            dare,
+            modelpool,
+            f"dare+{self.base}",
             self.base,
             self.sparsity_ratio,
             self.rescale,
@@ -159,6 +159,4 @@ class Dare:
             self.threshold,
             self.merge_func,
             self.exclude_keys,
-            names,
-            key_progress(f"dare+{self.base}"),
         )

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fusion_bench.method.base import key_progress
+from fusion_bench.method.base import merge_pool
 from fusion_bench.tensor_ops import (
     StateDict,
     expert_labels,
@@ -89,13 +89,6 @@ class IsoC:
         self.exclude_keys = list(exclude_keys or [])
 
     def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        names = modelpool.expert_names
-        return iso_c(
-            modelpool.pretrained(),
-            [modelpool.expert(n) for n in names],
-            self.scaling_factor,
-            self.average_keys,
-            self.exclude_keys,
-            names,
-            key_progress("iso_c"),
+        return merge_pool(
+            iso_c, modelpool, "iso_c", self.scaling_factor, self.average_keys, self.exclude_keys
         )

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fusion_bench.method.base import key_progress
+from fusion_bench.method.base import merge_pool
 from fusion_bench.tensor_ops import StateDict, expert_labels, expert_tensor, map_keys
 
 
@@ -47,12 +47,4 @@ class MagMax:
         self.exclude_keys = list(exclude_keys or [])
 
     def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        names = modelpool.expert_names
-        return magmax(
-            modelpool.pretrained(),
-            [modelpool.expert(n) for n in names],
-            self.scaling_factor,
-            self.exclude_keys,
-            names,
-            key_progress("magmax"),
-        )
+        return merge_pool(magmax, modelpool, "magmax", self.scaling_factor, self.exclude_keys)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import key_progress
+from fusion_bench.method.base import merge_pool
 from fusion_bench.tensor_ops import StateDict, expert_labels, expert_tensor, map_keys
 
 EPS = 1e-8  # as the reference code
@@ -74,11 +74,4 @@ class ModelStock:
         self.exclude_keys = list(exclude_keys or [])
 
     def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        names = modelpool.expert_names
-        return model_stock(
-            modelpool.pretrained(),
-            [modelpool.expert(n) for n in names],
-            self.exclude_keys,
-            names,
-            key_progress("model_stock"),
-        )
+        return merge_pool(model_stock, modelpool, "model_stock", self.exclude_keys)

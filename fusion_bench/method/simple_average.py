@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from fusion_bench.method.base import key_progress
+from fusion_bench.method.base import merge_pool
 from fusion_bench.tensor_ops import StateDict, add_weighted_task_vectors
 
 
@@ -38,11 +38,4 @@ class SimpleAverage:
         self.exclude_keys = list(exclude_keys or [])
 
     def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        names = modelpool.expert_names
-        return simple_average(
-            modelpool.pretrained(),
-            [modelpool.expert(n) for n in names],
-            self.exclude_keys,
-            names,
-            key_progress("simple_average"),
-        )
+        return merge_pool(simple_average, modelpool, "simple_average", self.exclude_keys)

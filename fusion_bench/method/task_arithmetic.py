@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import key_progress
+from fusion_bench.method.base import merge_pool
 from fusion_bench.tensor_ops import StateDict, add_weighted_task_vectors
 
 
@@ -51,15 +51,7 @@ class TaskArithmetic:
         self.exclude_keys = list(exclude_keys or [])
 
     def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        names = modelpool.expert_names
         scaling = self.scaling_factor
         if not isinstance(scaling, (int, float)):
             scaling = list(scaling)
-        return task_arithmetic(
-            modelpool.pretrained(),
-            [modelpool.expert(n) for n in names],
-            scaling,
-            self.exclude_keys,
-            names,
-            key_progress("task_arithmetic"),
-        )
+        return merge_pool(task_arithmetic, modelpool, "task_arithmetic", scaling, self.exclude_keys)

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fusion_bench.method.base import key_progress
+from fusion_bench.method.base import merge_pool
 from fusion_bench.tensor_ops import (
     DisjointMerge,
     Scratch,
@@ -166,14 +166,12 @@ class TiesMerging:
         self.exclude_keys = list(exclude_keys or [])
 
     def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        names = modelpool.expert_names
-        return ties_merging(
-            modelpool.pretrained(),
-            [modelpool.expert(n) for n in names],
+        return merge_pool(
+            ties_merging,
+            modelpool,
+            "ties_merging",
             self.scaling_factor,
             self.threshold,
             self.merge_func,
             self.exclude_keys,
-            names,
-            key_progress("ties_merging"),
         )

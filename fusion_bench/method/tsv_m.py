@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import key_progress
+from fusion_bench.method.base import merge_pool
 from fusion_bench.tensor_ops import (
     StateDict,
     expert_labels,
@@ -109,13 +109,6 @@ class TsvM:
         self.exclude_keys = list(exclude_keys or [])
 
     def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        names = modelpool.expert_names
-        return tsv_m(
-            modelpool.pretrained(),
-            [modelpool.expert(n) for n in names],
-            self.scaling_factor,
-            self.average_keys,
-            self.exclude_keys,
-            names,
-            key_progress("tsv_m"),
+        return merge_pool(
+            tsv_m, modelpool, "tsv_m", self.scaling_factor, self.average_keys, self.exclude_keys
         )

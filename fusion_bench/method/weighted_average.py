@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import key_progress
+from fusion_bench.method.base import merge_pool
 from fusion_bench.tensor_ops import StateDict, add_weighted_task_vectors, mergeable_keys
 
 
@@ -84,13 +84,11 @@ class WeightedAverage:
         self.exclude_keys = list(exclude_keys or [])
 
     def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        names = modelpool.expert_names
-        return weighted_average(
-            modelpool.pretrained(),
-            [modelpool.expert(n) for n in names],
-            weights_in_order(self.weights, names),
+        return merge_pool(
+            weighted_average,
+            modelpool,
+            "weighted_average",
+            weights_in_order(self.weights, modelpool.expert_names),
             self.normalize,
             self.exclude_keys,
-            names,
-            key_progress("weighted_average"),
         )
