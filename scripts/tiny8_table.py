@@ -73,7 +73,11 @@ def run_method(name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if isinstance(config.get("scaling_factor"), (int, float)):
             rows = cli(
-                [*args, "taskpool.splits=[validation]", f"method.scaling_factor={GRIDS.get(name, LAMBDA_GRID)}"],
+                [
+                    *args,
+                    "taskpool.splits=[validation]",
+                    f"method.scaling_factor={GRIDS.get(name, LAMBDA_GRID)}",
+                ],
                 f"{tmp}/sweep",
             )
             lam = best(rows)["setting"].split("method.scaling_factor=")[1].split()[0]
