@@ -800,6 +800,20 @@ GENERIC_TEMPLATES = [
     "this is {c}.",
 ]
 
+# ``--heldout-mode text``: captions of the held-out classes' images. They name only the task's domain,
+# never a class, so the image tower sees these images in pre-training but the text tower never aligns
+# the held-out class names (the experts then re-align existing features instead of learning new ones).
+DOMAIN_CAPTIONS = {
+    "fashion": ["a photo of a piece of clothing.", "a black and white photo of clothing."],
+    "mnist": ["a handwritten digit.", "a black and white photo of a handwritten number."],
+    "letters": ["a capital letter printed in a font.", "a photo of a letter."],
+    "emoji": ["an emoji.", "an icon."],
+    "skintone": ["an emoji of a person or a hand.", "a person emoji."],
+    "textures": ["a photo of a texture.", "a close-up photo of a surface."],
+    "landsat": ["a satellite photo of land.", "a false colour satellite image."],
+    "faces": ["a low resolution black and white photo.", "a small grey photo."],
+}
+
 
 def stage_pretrain(args):
     import torch
@@ -817,15 +831,25 @@ def stage_pretrain(args):
     for task in TASKS:
         X, y = load_split_tensors(task, "train", preprocess, cache)
         held = heldout_classes(task, args.heldout)
-        keep = torch.tensor([int(v) not in held for v in y])
-        X, y = X[keep], y[keep]
+        if args.heldout_mode == "drop":  # held-out classes' images and names both left out
+            keep = torch.tensor([int(v) not in held for v in y])
+            X, y = X[keep], y[keep]
         tmpl = META[task]["templates"] + GENERIC_TEMPLATES
+        n_dom = 0
         for i in range(len(y)):
+            if int(y[i]) in held:  # only with --heldout-mode text: image kept, class not named
+                caps_per_item.append(list(DOMAIN_CAPTIONS[task]))
+                n_dom += 1
+                continue
             c = META[task]["classnames"][int(y[i])]
             caps_per_item.append([t.format(c=c) for t in tmpl])
         Xs.append(X)
         flips += [task in FLIP_OK] * len(y)
-        log(f"pretrain data {task}: {len(y)} pairs (held-out classes {sorted(held)})")
+        log(
+            f"pretrain data {task}: {len(y)} pairs (held-out classes {sorted(held)}"
+            + (f", {n_dom} with domain-only captions" if args.heldout_mode == "text" else "")
+            + ")"
+        )
     if args.aux:
         from PIL import Image  # noqa: F401
 
@@ -1112,6 +1136,14 @@ def main(argv=None):
         type=float,
         default=0.3,
         help="fraction of classes per task held out of pre-training",
+    )
+    ap.add_argument(
+        "--heldout-mode",
+        default="drop",
+        choices=["drop", "text"],
+        help="drop (default): held-out classes' images and names are left out of pre-training; "
+        "text: their images stay, captioned only with their task's domain (DOMAIN_CAPTIONS), so "
+        "only the class names are held out (attempt A6)",
     )
     ap.add_argument(
         "--decay-all",
