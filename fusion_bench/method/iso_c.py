@@ -14,16 +14,16 @@ equations). For a rank-deficient Δ the SVD's null-space vectors are arbitrary a
 not unique; here those directions get nothing.
 
 Run: ``fusion_bench method=iso_c method.scaling_factor=1.0``
-Two passes: the task-vector sums of every key are streamed into the output (expert by expert,
-key by key), then the decompositions run over the 2-D keys spread over torch's threads
-(:func:`fusion_bench.tensor_ops.parallel_map`). Memory: the output (holding the sums in between)
-+ one key's Gram matrix and eigenvectors per thread: independent of N. Time: one
+Key by key, expert by expert, the task-vector sums are streamed; every 2·threads 2-D keys, their
+decompositions run together, spread over torch's threads
+(:func:`fusion_bench.tensor_ops.parallel_map`). Memory: the output + the sums of at most 2·threads
+keys + one key's Gram matrix and eigenvectors per thread: independent of N. Time: one
 eigen-decomposition per 2-D tensor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -34,7 +34,6 @@ from fusion_bench.tensor_ops import (
     expert_labels,
     expert_tensor,
     is_excluded,
-    map_keys,
     mergeable_keys,
     parallel_map,
     polar_factor,
@@ -51,27 +50,35 @@ def iso_c(
     progress=None,
 ) -> dict[str, Tensor]:
     names = expert_labels(finetuned, names)
+    mergeable = set(mergeable_keys(pretrained, exclude_keys))
+    window = 2 * torch.get_num_threads()  # 2-D keys summed, then decomposed together
+    out: dict[str, Tensor] = {}
+    waiting: list[str] = []  # 2-D keys whose Σ τ is in ``out``, to be flattened
 
-    def sum_key(key: str, base: Tensor) -> Tensor:  # pass 1, streamed: Σ_t τ_t of this key
-        total = torch.zeros_like(base)
-        tau = torch.empty_like(base)
-        for expert, name in zip(finetuned, names, strict=True):
-            total += torch.sub(expert_tensor(expert, key, base, name), base, out=tau)
-        return total
-
-    out = map_keys(pretrained, sum_key, exclude_keys, progress)
-    merged = [k for k in mergeable_keys(pretrained, exclude_keys)]
-    spectral = [k for k in merged if out[k].dim() == 2 and not is_excluded(k, average_keys)]
-    for key in merged:
-        if key not in spectral:
-            out[key] = pretrained[key].float() + scaling_factor * (out[key] / len(finetuned))
-
-    def flatten(key: str) -> None:  # pass 2: the decompositions, spread over torch's threads
+    def flatten(key: str) -> None:
         orthogonal, singular_values = polar_factor(out[key])
         update = (scaling_factor * singular_values.mean()) * orthogonal
         out[key] = pretrained[key].float() + update
 
-    parallel_map(flatten, spectral)
+    keys: Iterable[str] = list(pretrained)
+    for key in progress(keys) if progress is not None else keys:
+        if key not in mergeable:
+            out[key] = pretrained[key].clone()
+            continue
+        base = pretrained[key].to(torch.float32)
+        total = torch.zeros_like(base)
+        tau = torch.empty_like(base)
+        for expert, name in zip(finetuned, names, strict=True):
+            total += torch.sub(expert_tensor(expert, key, base, name), base, out=tau)
+        if base.dim() == 2 and not is_excluded(key, average_keys):
+            out[key] = total
+            waiting.append(key)
+            if len(waiting) >= window:
+                parallel_map(flatten, waiting)
+                waiting.clear()
+        else:
+            out[key] = base + scaling_factor * (total / len(finetuned))
+    parallel_map(flatten, waiting)
     return out
 
 
