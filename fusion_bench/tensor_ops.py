@@ -108,6 +108,18 @@ def add_weighted_task_vectors(
     return map_keys(pretrained, merge_key, exclude, progress)
 
 
+def task_vector_sum(
+    finetuned: Sequence[StateDict], key: str, base: Tensor, names: Sequence[str]
+) -> Tensor:
+    """Σ_i (θ_i[key] − θ0[key]) for one key (``base`` = θ0[key] in float32), one expert at a time
+    through one reused buffer."""
+    total = torch.zeros_like(base)
+    tau = torch.empty_like(base)
+    for expert, name in zip(finetuned, names, strict=True):
+        total += torch.sub(expert_tensor(expert, key, base, name), base, out=tau)
+    return total
+
+
 def task_vector(
     pretrained: StateDict, finetuned: StateDict, exclude: Sequence[str] = ()
 ) -> dict[str, Tensor]:
@@ -350,9 +362,9 @@ class DisjointMerge:
 
     def result(self, signs: Tensor) -> Tensor:
         """The disjoint merge for the resolved ``signs``."""
-        g = torch.where(signs > 0, 1.0, -1.0).to(self.total.dtype)
         if self.merge_func == "max":
             return torch.where(signs > 0, self.pos, -self.neg) * signs.abs()
+        g = torch.where(signs > 0, 1.0, -1.0).to(self.total.dtype)
         agreeing = (self.total + g * self.abs_total) / 2
         if self.merge_func == "mean":
             count = (self.nonzero + g * self.sign_total) / 2
@@ -368,13 +380,6 @@ class DisjointMerge:
             if isinstance(value, Tensor) and name != "_work":
                 setattr(part, name, value.reshape(-1)[index])
         return part
-
-
-def disjoint_merge(trimmed: Sequence[Tensor], signs: Tensor, merge_func: str) -> Tensor:
-    merger = DisjointMerge(signs, merge_func)
-    for t in trimmed:
-        merger.add(t)
-    return merger.result(signs)
 
 
 def key_seed(seed: int, index: int, key: str) -> int:
@@ -405,7 +410,7 @@ def dare_drop(
 def parallel_map(fn: Callable, items: Sequence) -> list:
     """``[fn(x) for x in items]`` on as many threads as torch uses, each running torch on one
     thread. For work dominated by LAPACK eigensolvers, which run single-threaded here (see
-    :func:`_gram_eigh`): independent decompositions then use all cores (measured on 2 cores: the
+    :func:`_gram_spectrum`): independent decompositions then use all cores (measured on 2 cores: the
     eigen-decompositions of TSV-M / Iso-C about twice as fast)."""
     threads = torch.get_num_threads()
     workers = min(threads, len(items))
@@ -423,10 +428,12 @@ def parallel_map(fn: Callable, items: Sequence) -> list:
         torch.set_num_threads(threads)
 
 
-def _gram_eigh(a: Tensor) -> tuple[Tensor, Tensor, bool]:
-    """Eigen-decomposition, in float64, of the smaller Gram matrix of the 2-D tensor ``a``:
-    (eigenvalues descending = squared singular values, eigenvectors, ``wide``). ``wide`` means
-    m ≤ n and the eigenvectors are the left singular vectors; otherwise they are the right ones."""
+def _gram_spectrum(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+    """The SVD of the 2-D tensor ``a`` from the eigen-decomposition, in float64, of its smaller
+    Gram matrix: ``(a64, s, inv, vectors, wide)`` with ``a64`` = ``a`` in float64, ``s`` the
+    singular values (descending), ``inv`` = 1/s where s is numerically non-zero (relative to the
+    largest) and 0 elsewhere, and the eigenvectors: the left singular vectors when ``wide``
+    (m ≤ n), the right ones otherwise."""
     a64 = a.to(torch.float64)
     wide = a.shape[0] <= a.shape[1]
     gram = a64 @ a64.T if wide else a64.T @ a64
@@ -438,12 +445,11 @@ def _gram_eigh(a: Tensor) -> tuple[Tensor, Tensor, bool]:
         values, vectors = torch.linalg.eigh(gram)
     finally:
         torch.set_num_threads(threads)
-    return values.flip(0).clamp(min=0.0), vectors.flip(1), wide
-
-
-def _nonzero_singular(values: Tensor) -> Tensor:
-    """Which squared singular values are numerically non-zero (relative to the largest)."""
-    return values > values[0] * values.numel() * 1e-13 if values.numel() else values > 0
+    values, vectors = values.flip(0).clamp(min=0.0), vectors.flip(1)
+    s = values.sqrt()
+    nonzero = values > values[0] * values.numel() * 1e-13 if values.numel() else values > 0
+    inv = torch.where(nonzero, 1.0 / s.clamp(min=1e-300), 0.0)
+    return a64, s, inv, vectors, wide
 
 
 def top_singular_triplets(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -456,17 +462,12 @@ def top_singular_triplets(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     vectors of (numerically) zero singular values are returned as zeros: for those the SVD itself
     is not unique.
     """
-    values, vectors, wide = _gram_eigh(a)
-    values, vectors = values[:k], vectors[:, :k]
-    s = values.sqrt()
-    inv = torch.where(_nonzero_singular(values), 1.0 / s.clamp(min=1e-300), 0.0)
-    a64 = a.to(torch.float64)
+    a64, s, inv, vectors, wide = _gram_spectrum(a)
+    s, inv, vectors = s[:k], inv[:k], vectors[:, :k]
     if wide:
-        u, vh = vectors, (vectors.T @ a64) * inv[:, None]
-        u = u * (inv > 0)
+        u, vh = vectors * (inv > 0), (vectors.T @ a64) * inv[:, None]
     else:
-        u, vh = (a64 @ vectors) * inv, vectors.T
-        vh = vh * (inv > 0)[:, None]
+        u, vh = (a64 @ vectors) * inv, vectors.T * (inv > 0)[:, None]
     return u.float(), s.float(), vh.float()
 
 
@@ -479,10 +480,7 @@ def polar_factor(a: Tensor) -> tuple[Tensor, Tensor]:
     singular value contribute nothing: there the SVD's vectors are arbitrary, so ``U Vh`` is not
     unique either.
     """
-    values, vectors, wide = _gram_eigh(a)
-    s = values.sqrt()
-    inv = torch.where(_nonzero_singular(values), 1.0 / s.clamp(min=1e-300), 0.0)
-    a64 = a.to(torch.float64)
+    a64, s, inv, vectors, wide = _gram_spectrum(a)
     projector = (vectors * inv) @ vectors.T
     factor = projector @ a64 if wide else a64 @ projector
     return factor.float(), s.float()

@@ -23,7 +23,7 @@ eigen-decomposition per 2-D tensor.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -32,11 +32,11 @@ from fusion_bench.method.base import merge_pool
 from fusion_bench.tensor_ops import (
     StateDict,
     expert_labels,
-    expert_tensor,
     is_excluded,
-    mergeable_keys,
+    map_keys,
     parallel_map,
     polar_factor,
+    task_vector_sum,
 )
 
 
@@ -50,34 +50,25 @@ def iso_c(
     progress=None,
 ) -> dict[str, Tensor]:
     names = expert_labels(finetuned, names)
-    mergeable = set(mergeable_keys(pretrained, exclude_keys))
     window = 2 * torch.get_num_threads()  # 2-D keys summed, then decomposed together
-    out: dict[str, Tensor] = {}
-    waiting: list[str] = []  # 2-D keys whose Σ τ is in ``out``, to be flattened
+    waiting: list[tuple[Tensor, Tensor]] = []  # (θ0, Σ τ) of 2-D keys not yet flattened
 
-    def flatten(key: str) -> None:
-        orthogonal, singular_values = polar_factor(out[key])
-        update = (scaling_factor * singular_values.mean()) * orthogonal
-        out[key] = pretrained[key].float() + update
+    def flatten(item: tuple[Tensor, Tensor]) -> None:  # Σ τ becomes θ0 + α s̄ U Vᵀ, in place
+        base, total = item
+        orthogonal, singular_values = polar_factor(total)
+        total.copy_(base + (scaling_factor * singular_values.mean()) * orthogonal)
 
-    keys: Iterable[str] = list(pretrained)
-    for key in progress(keys) if progress is not None else keys:
-        if key not in mergeable:
-            out[key] = pretrained[key].clone()
-            continue
-        base = pretrained[key].to(torch.float32)
-        total = torch.zeros_like(base)
-        tau = torch.empty_like(base)
-        for expert, name in zip(finetuned, names, strict=True):
-            total += torch.sub(expert_tensor(expert, key, base, name), base, out=tau)
-        if base.dim() == 2 and not is_excluded(key, average_keys):
-            out[key] = total
-            waiting.append(key)
-            if len(waiting) >= window:
-                parallel_map(flatten, waiting)
-                waiting.clear()
-        else:
-            out[key] = base + scaling_factor * (total / len(finetuned))
+    def merge_key(key: str, base: Tensor) -> Tensor:
+        total = task_vector_sum(finetuned, key, base, names)
+        if base.dim() != 2 or is_excluded(key, average_keys):
+            return base + scaling_factor * (total / len(finetuned))
+        waiting.append((base, total))  # the output holds ``total``; flattened in place later
+        if len(waiting) >= window:
+            parallel_map(flatten, waiting)
+            waiting.clear()
+        return total
+
+    out = map_keys(pretrained, merge_key, exclude_keys, progress)
     parallel_map(flatten, waiting)
     return out
 

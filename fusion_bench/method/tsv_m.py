@@ -40,6 +40,7 @@ from fusion_bench.tensor_ops import (
     map_keys,
     parallel_map,
     polar_factor,
+    task_vector_sum,
     top_singular_triplets,
 )
 
@@ -58,16 +59,10 @@ def tsv_m(
     if n_tasks == 0:
         raise FusionBenchError("TSV-M needs at least one expert in the model pool.")
 
-    def task_vectors(key: str, base: Tensor):
-        for expert, name in zip(finetuned, names, strict=True):
-            yield expert_tensor(expert, key, base, name) - base
-
     def merge_key(key: str, base: Tensor) -> Tensor:
         if base.dim() != 2 or is_excluded(key, average_keys):
-            mean = torch.zeros_like(base)
-            for tau in task_vectors(key, base):
-                mean += tau
-            return base + scaling_factor * (mean / n_tasks)
+            total = task_vector_sum(finetuned, key, base, names)
+            return base + scaling_factor * (total / n_tasks)
         m, n = base.shape
         r = min(m, n)
         k = r // n_tasks
