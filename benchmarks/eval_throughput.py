@@ -79,17 +79,17 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ["FUSION_BENCH_CACHE"] = cache
         taskpool = CLIPClassificationTaskPool(tasks=[TASK], datasets={TASK: str(data)})
         t = time.perf_counter()
-        taskpool.zero_shot_head(classifier, TASK, cpu)
+        taskpool.data.zero_shot_head(classifier, TASK, cpu)
         result["head_miss_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        taskpool.zero_shot_head(classifier, TASK, cpu)
+        taskpool.data.zero_shot_head(classifier, TASK, cpu)
         result["head_hit_s"] = time.perf_counter() - t
 
-        ds = taskpool.load_split(TASK, "test")  # also warms the datasets cache
+        ds = taskpool.data.load_split(TASK, "test")  # also warms the datasets cache
         for batch_size in args.batch_sizes:
             taskpool.batch_size = batch_size
             t = time.perf_counter()
-            for _ in taskpool.loader(ds, taskpool.specs[TASK], classifier.preprocess):
+            for _ in taskpool.data.loader(ds, TASK, classifier.preprocess, batch_size):
                 pass
             pre_s = time.perf_counter() - t
             t = time.perf_counter()

@@ -20,22 +20,21 @@ import time
 T_START = time.perf_counter()
 
 import argparse  # noqa: E402
-import importlib  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
 
-CONF = Path(__file__).resolve().parent.parent / "conf" / "method"
-
 
 def build_method(name: str, overrides: list[str]):
-    cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text()) or {}
+    """The method from its YAML with ``key=value`` overrides, as ``fusion_bench.merge`` builds it."""
+    from fusion_bench.api import build_method as from_yaml
+
+    values = {}
     for item in overrides:
         key, _, value = item.partition("=")
-        cfg[key] = yaml.safe_load(value)
-    module, _, cls = cfg.pop("_target_").rpartition(".")
-    return getattr(importlib.import_module(module), cls)(**cfg)
+        values[key] = yaml.safe_load(value)
+    return from_yaml(name, values)[0]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,9 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--save", choices=("safetensors", "pool"), default="safetensors")
     args = parser.parse_args(argv)
 
-    import torch
-
     from fusion_bench.checkpoint import save_safetensors
+    from fusion_bench.method.base import Context, merged_state_dict
     from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
 
     method = build_method(args.method, args.overrides)
@@ -60,9 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     t_imports = time.perf_counter()
 
-    result = method.run(pool)
-    if isinstance(result, torch.nn.Module):
-        result = result.state_dict()
+    result = merged_state_dict(method, pool, None, Context(), args.method)
     t_merge = time.perf_counter()
 
     if args.save == "pool":

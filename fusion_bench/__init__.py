@@ -9,12 +9,12 @@ Importing the package is cheap (no torch); the Python API is loaded on first use
 from __future__ import annotations
 
 __version__ = "0.1.0"
-__all__ = ["merge"]
+__all__ = ["evaluate", "merge"]
 
 
 def __getattr__(name: str):
-    if name == "merge":
-        from fusion_bench.api import merge
+    if name in __all__:
+        from fusion_bench import api
 
-        return merge
+        return getattr(api, name)
     raise AttributeError(f"module 'fusion_bench' has no attribute {name!r}")

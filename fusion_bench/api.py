@@ -1,9 +1,15 @@
-"""Python API: ``fusion_bench.merge(method, pretrained, finetuned, **hyperparameters)``.
+"""Python API: the same methods as the CLI, without Hydra.
 
-The same methods as the CLI, without Hydra. ``method`` is the snake_case name of a config in
-``conf/method/``; that YAML's ``_target_`` is the class (no second registry) and its values are the
-defaults, overridden by the keyword hyper-parameters of the same names. Inputs may be paths
-(safetensors / torch files, or ``save_pretrained`` directories), state dicts, or a model pool.
+- ``fusion_bench.merge(method, pretrained, finetuned, **hyperparameters)`` -> the merged state dict
+  of a ``merge``, ``data_merge`` or ``sequential`` method;
+- ``fusion_bench.evaluate(method, modelpool, taskpool, **hyperparameters)`` -> per-task metrics of
+  any method (merges, per-task models, routed models, ensembles), as the CLI's table.
+
+``method`` is the name of a config in ``conf/method/``; that YAML's ``_target_`` is the class (no
+second registry) and its values are the defaults, overridden by the keyword hyper-parameters of the
+same names. Inputs may be paths (safetensors / torch files, or ``save_pretrained`` directories),
+state dicts, or a model pool. Methods that use data get the task pool's
+:class:`~fusion_bench.taskpool.data.TaskData` (``data=``), or one with default settings.
 
     merged = fusion_bench.merge("ties_merging", "pre.safetensors",
                                 ["mnist.safetensors", "svhn.safetensors"], scaling_factor=0.4)
@@ -25,33 +31,58 @@ Source = "str | os.PathLike | Mapping[str, Tensor]"
 
 
 def merge(
-    method: str,
+    method: Any,
     pretrained: Any,
     finetuned: Sequence[Any] | Mapping[str, Any] | None = None,
     *,
+    data: Any = None,
+    fabric: Any = None,
     save_to: str | os.PathLike | None = None,
     overwrite: bool = False,
     **hyperparameters: Any,
 ) -> dict:
     """Merge ``finetuned`` experts of ``pretrained`` with ``method``; return the merged state dict.
 
+    - ``method``: a name from ``conf/method/`` (e.g. ``"ties_merging"``) or a method instance.
+
     - ``pretrained``: a checkpoint path, a state dict, or a model pool (then omit ``finetuned``).
     - ``finetuned``: a list of paths / state dicts, or a mapping {expert name: path or state dict}
       (names matter for per-expert options such as ``weights={name: w}``).
+    - ``data``: for methods that use data (Fisher, RegMean, AdaMerging ...): a task pool or a
+      ``TaskData``; default: ``TaskData()`` (the task specs' own datasets). These methods build
+      models, so ``pretrained`` must then be a model pool.
+    - ``fabric``: a ``lightning.fabric.Fabric`` to run on (default: one CPU process).
     - ``save_to``: also write the result as a safetensors file there (an existing file is kept
       unless ``overwrite=True``).
     - ``hyperparameters``: the keys of ``conf/method/<method>.yaml``, e.g. ``scaling_factor=0.3``.
 
     Checkpoint files are read lazily, key by key, as in the CLI.
     """
+    from fusion_bench.method.base import (
+        KIND_GIVES,
+        STATE_DICT_KINDS,
+        Context,
+        check_finite,
+        merged_state_dict,
+    )
+
     instance, config = build_method(method, hyperparameters)
+    method = method if isinstance(method, str) else type(instance).__name__  # a label from here
+    if instance.kind not in STATE_DICT_KINDS:
+        raise FusionBenchError(
+            f"Method '{method}' gives {KIND_GIVES[instance.kind]}, not one merged model: evaluate "
+            f"it with fusion_bench.evaluate('{method}', modelpool, taskpool) or the CLI "
+            f"(fusion_bench method={method})."
+        )
     if save_to is not None and Path(save_to).exists() and not overwrite:
         raise FusionBenchError(
             f"save_to '{save_to}' exists. Choose another path, or pass overwrite=True to replace it."
         )
     pool = as_pool(pretrained, finetuned, method)
-    result = instance.run(pool, None)
-    state = as_state_dict(result, method)
+    context = Context(fabric=fabric)
+    state = merged_state_dict(instance, pool, as_task_data(data), context, method)
+    state = {k: state[k] for k in state}
+    check_finite(state)
     if save_to is not None:
         from fusion_bench.checkpoint import save_safetensors
 
@@ -64,29 +95,97 @@ def merge(
     return state
 
 
-def build_method(method: str, hyperparameters: Mapping[str, Any]) -> tuple[Any, dict]:
-    """The method's class from its YAML ``_target_``, built with the YAML's values overridden by
-    ``hyperparameters``. Returns (instance, the hyper-parameters used)."""
+def evaluate(
+    method: Any,
+    modelpool: Any,
+    taskpool: Any,
+    *,
+    fabric: Any = None,
+    fast_dev_run: bool = False,
+    **hyperparameters: Any,
+) -> dict[str, float]:
+    """Run ``method`` on a model pool and evaluate what it gives on a task pool: the metrics
+    ``<split>/<task>/acc``, ``<split>/<task>/loss`` and ``<split>/avg_acc``, as the CLI reports.
+    Works for every kind of method; ``fast_dev_run`` does one adaptation step (the task pool's
+    own ``fast_dev_run`` limits evaluation to one batch)."""
+    from fusion_bench.method.base import Context, build_classifiers
+
+    if not is_pool(modelpool):
+        raise FusionBenchError(
+            "evaluate() needs a model pool (e.g. fusion_bench.modelpool.open_clip.OpenCLIPModelPool"
+            "(...)): evaluation builds models and zero-shot heads, which state dicts alone do not "
+            "give."
+        )
+    instance, _config = build_method(method, hyperparameters)
+    label = method if isinstance(method, str) else type(instance).__name__
+    context = Context(fabric=fabric, fast_dev_run=fast_dev_run)
+    model, _state = build_classifiers(instance, modelpool, taskpool.data, context, label)
+    return taskpool.evaluate(model, fabric)
+
+
+def _fields(method: Any) -> dict:
+    import dataclasses
+
+    if dataclasses.is_dataclass(method):
+        return {f.name: getattr(method, f.name) for f in dataclasses.fields(method) if f.init}
+    return {}
+
+
+def as_task_data(data: Any):
+    """A TaskData from a task pool, a TaskData, or nothing (default settings)."""
+    from fusion_bench.taskpool.data import TaskData
+
+    if data is None:
+        return TaskData()
+    if isinstance(data, TaskData):
+        return data
+    if isinstance(getattr(data, "data", None), TaskData):
+        return data.data
+    raise FusionBenchError(
+        f"data is a {type(data).__name__}: give a task pool (CLIPClassificationTaskPool) or a "
+        "fusion_bench.taskpool.data.TaskData."
+    )
+
+
+def method_config(method: str) -> dict:
+    """The YAML of ``conf/method/<method>.yaml`` as plain data, its ``defaults`` (other method
+    configs it extends) merged in as Hydra would."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from fusion_bench.paths import config_dir
 
     directory = config_dir() / "method"
-    path = directory / f"{method}.yaml"
-    if not isinstance(method, str) or not path.is_file():
-        known = sorted(p.stem for p in directory.glob("*.yaml"))
+    known = sorted(str(p.relative_to(directory).with_suffix("")) for p in directory.rglob("*.yaml"))
+    if not isinstance(method, str) or method not in known:
         raise FusionBenchError(
             f"Unknown method '{method}'. Methods: {', '.join(known)}.{did_you_mean(str(method), known)}"
         )
+    path = directory / f"{method}.yaml"
     node = OmegaConf.load(path)
+    parents = [d for d in node.pop("defaults", []) if d != "_self_"]
+    node = OmegaConf.merge(*(OmegaConf.create(method_config(p)) for p in parents), node)
     try:
-        defaults = OmegaConf.to_container(node, resolve=True)
-    except OmegaConfBaseException:
+        return OmegaConf.to_container(node, resolve=True)
+    except OmegaConfBaseException as e:
         raise FusionBenchError(
-            f"Method '{method}' takes values from the run configuration ({path}); run it with the "
-            f"CLI: fusion_bench method={method} ..."
+            f"Method config {path} cannot be read on its own ({e}); method configs must not "
+            "interpolate other groups."
         ) from None
+
+
+def build_method(method: Any, hyperparameters: Mapping[str, Any]) -> tuple[Any, dict]:
+    """The method's class from its YAML ``_target_``, built with the YAML's values overridden by
+    ``hyperparameters``. Returns (instance, the hyper-parameters used). A method instance (e.g.
+    one of your own, not in ``conf/method``) is used as it is."""
+    if not isinstance(method, str) and hasattr(method, "kind"):
+        if hyperparameters:
+            raise FusionBenchError(
+                f"Got a method instance and hyper-parameters {sorted(hyperparameters)}: set them "
+                "on the instance (dataclasses.replace(method, ...)) or pass the method's name."
+            )
+        return method, _fields(method)
+    defaults = method_config(method)
     module, _, name = defaults.pop("_target_").rpartition(".")
     cls = getattr(importlib.import_module(module), name)
     valid = set(defaults) | {p for p in inspect.signature(cls).parameters if not p.startswith("_")}
@@ -206,22 +305,3 @@ class StateDictPool:
             "(e.g. fusion_bench.modelpool.clip_vision.CLIPVisionModelPool(pretrained=..., "
             f"finetuned={{task: path}})), or run it with the CLI: fusion_bench method={self._method}"
         )
-
-
-def as_state_dict(result: Any, method: str) -> dict:
-    import torch
-
-    from fusion_bench.method.base import PerTask
-
-    if isinstance(result, PerTask):
-        raise FusionBenchError(
-            f"Method '{method}' gives one model per task, not one merged model; run it with the CLI."
-        )
-    if isinstance(result, torch.nn.Module):
-        return dict(result.state_dict())
-    if isinstance(result, Mapping):
-        return {k: result[k] for k in result}
-    raise FusionBenchError(
-        f"Method '{method}' returns a {type(result).__name__} (e.g. an output ensemble), not a "
-        "merged state dict; run it with the CLI to evaluate it."
-    )

@@ -13,17 +13,14 @@ import platform
 import resource
 import subprocess
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import PerTask
-from fusion_bench.modelpool.base import ZeroShotClassifier
+from fusion_bench.method.base import KIND_GIVES, STATE_DICT_KINDS, Context, build_classifiers
 from fusion_bench.tensor_ops import check_same_architecture
 
 log = logging.getLogger("fusion_bench")
@@ -70,7 +67,7 @@ def run(cfg: DictConfig) -> dict:
             modelpool.expert_names,
         )
         method = instantiate(cfg.method, _convert_="all")
-        log.info("method: %s (%s)", method_name, type(method).__name__)
+        log.info("method: %s (%s, kind %s)", method_name, type(method).__name__, method.kind)
         taskpool = instantiate(cfg.taskpool, _convert_="all")
         log.info(
             "task pool: %s, tasks %s, splits %s",
@@ -79,12 +76,18 @@ def run(cfg: DictConfig) -> dict:
             taskpool.splits,
         )
         validate_pool(modelpool)
+        if cfg.merged_model_save_path and method.kind not in STATE_DICT_KINDS:
+            raise FusionBenchError(
+                f"Method '{method_name}' gives {KIND_GIVES[method.kind]}, not one merged model: "
+                "merged_model_save_path applies only to merging methods. Remove it from the "
+                "command."
+            )
         timings["load_s"] = time.perf_counter() - t
 
-        # 3. merge
+        # 3. merge: what the method gives depends on its kind (see fusion_bench.method.base)
         t = time.perf_counter()
-        result = method.run(modelpool, fabric)
-        model = to_classifiers(modelpool, result)
+        context = Context(fabric, output_dir(cfg), bool(cfg.fast_dev_run))
+        model, merged = build_classifiers(method, modelpool, taskpool.data, context, method_name)
         timings["merge_s"] = time.perf_counter() - t
         log.info("merged in %.2f s", timings["merge_s"])
 
@@ -112,7 +115,7 @@ def run(cfg: DictConfig) -> dict:
                         key=f"{split}/per_task", columns=["task", "acc", "loss"], data=rows
                     )
         if cfg.merged_model_save_path and outputs:
-            save_merged(modelpool, result, Path(cfg.merged_model_save_path), cfg, metrics)
+            save_merged(modelpool, merged, Path(cfg.merged_model_save_path), cfg, metrics)
         report = {
             "method": method_name,
             "overrides": hydra_overrides(),
@@ -162,26 +165,11 @@ def validate_pool(modelpool) -> None:
         check_same_architecture(pretrained, modelpool.expert(name), name)
 
 
-def to_classifiers(modelpool, result) -> ZeroShotClassifier | dict[str, ZeroShotClassifier]:
-    if isinstance(result, PerTask):
-        return {task: to_classifiers(modelpool, r) for task, r in result.items()}
-    if isinstance(result, ZeroShotClassifier):
-        return result
-    if isinstance(result, nn.Module):
-        return modelpool.classifier(result)
-    if isinstance(result, Mapping):
-        check_finite(result)
-        return modelpool.classifier(modelpool.build_encoder(result))
-    raise TypeError(f"method returned {type(result).__name__}; see fusion_bench.method.base")
+def output_dir(cfg: DictConfig) -> Path | None:
+    """The job's output directory (Hydra's), where methods may write their own artefacts."""
+    from hydra.core.hydra_config import HydraConfig
 
-
-def check_finite(state_dict: Mapping[str, Tensor]) -> None:
-    for key, value in state_dict.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise FusionBenchError(
-                f"The merged model has NaN/Inf in '{key}'. The method's hyper-parameters "
-                "overflowed (e.g. a huge scaling factor); nothing was evaluated or saved."
-            )
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
 
 
 def refuse_to_overwrite(cfg: DictConfig) -> None:
@@ -206,13 +194,13 @@ def refuse_to_overwrite(cfg: DictConfig) -> None:
         )
 
 
-def save_merged(modelpool, result, path: Path, cfg: DictConfig, metrics: dict) -> None:
-    if isinstance(result, (PerTask, ZeroShotClassifier)):
+def save_merged(modelpool, state, path: Path, cfg: DictConfig, metrics: dict) -> None:
+    if state is None:
         raise FusionBenchError(
-            "This method produces one model per task or an ensemble, not one merged model: "
-            "merged_model_save_path applies only to merging methods. Remove it from the command."
+            "This method produces one model per task, a routed model or an ensemble, not one "
+            "merged model: merged_model_save_path applies only to merging methods. Remove it "
+            "from the command."
         )
-    state = result.state_dict() if isinstance(result, nn.Module) else result
     path.mkdir(parents=True, exist_ok=True)
     modelpool.save({k: state[k] for k in state}, path, model_card(cfg, modelpool, metrics))
     log.info("merged model saved to %s", path)
@@ -237,8 +225,7 @@ def dry_run(cfg: DictConfig) -> dict:
     method = instantiate(cfg.method, _convert_="all")
     num_params = modelpool.pretrained().num_parameters()
     n = len(modelpool.expert_names)
-    held = getattr(method, "models_held", 1.0)
-    held = held(n) if callable(held) else held
+    held = method.models_held(n)
     gib = (held + 1.0) * num_params * 4 / 2**30  # + the model being evaluated
     estimate = {
         "num_parameters": num_params,

@@ -1,4 +1,4 @@
-"""Shared tensor operations on state dicts: the one place merge maths is built from.
+"""Tensor operations that several methods share (a method's own algebra lives in its module).
 
 Every function takes ``Mapping[str, Tensor]`` arguments, which may be plain dicts or lazily read
 checkpoints (:class:`fusion_bench.checkpoint.LazyStateDict`). Functions iterate key by key and,
@@ -14,7 +14,6 @@ Conventions:
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,11 +23,6 @@ from torch import Tensor
 from fusion_bench.errors import FusionBenchError
 
 StateDict = Mapping[str, Tensor]
-
-
-def expert_labels(finetuned: Sequence, names: Sequence[str] | None) -> list[str]:
-    """The experts' names for error messages: the given ones, else ``#0``, ``#1``, ..."""
-    return list(names) if names is not None else [f"#{i}" for i in range(len(finetuned))]
 
 
 def is_excluded(key: str, exclude: Sequence[str]) -> bool:
@@ -81,9 +75,8 @@ def map_keys(
 
 def add_weighted_task_vectors(
     pretrained: StateDict,
-    finetuned: Sequence[StateDict],
+    experts: Mapping[str, StateDict],
     weights: Sequence[float],
-    names: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
 ) -> dict[str, Tensor]:
@@ -92,14 +85,13 @@ def add_weighted_task_vectors(
     Task arithmetic is ``w_i = λ``; the simple average is ``w_i = 1/N``; a normalised weighted
     average is ``w_i = c_i / Σc``. Holding one running sum per key, memory is independent of N.
     """
-    if len(finetuned) != len(weights):
-        raise ValueError(f"{len(finetuned)} experts but {len(weights)} weights")
-    names = expert_labels(finetuned, names)
+    if len(experts) != len(weights):
+        raise ValueError(f"{len(experts)} experts but {len(weights)} weights")
 
     def merge_key(key: str, base: Tensor) -> Tensor:
         acc = base.clone()
         tau = torch.empty_like(base)  # one reused buffer per key instead of one per expert
-        for expert, w, name in zip(finetuned, weights, names, strict=True):
+        for (name, expert), w in zip(experts.items(), weights, strict=True):
             if w != 0.0:
                 torch.sub(expert_tensor(expert, key, base, name), base, out=tau)
                 acc.add_(tau, alpha=float(w))
@@ -108,27 +100,14 @@ def add_weighted_task_vectors(
     return map_keys(pretrained, merge_key, exclude, progress)
 
 
-def task_vector_sum(
-    finetuned: Sequence[StateDict], key: str, base: Tensor, names: Sequence[str]
-) -> Tensor:
+def task_vector_sum(experts: Mapping[str, StateDict], key: str, base: Tensor) -> Tensor:
     """Σ_i (θ_i[key] − θ0[key]) for one key (``base`` = θ0[key] in float32), one expert at a time
     through one reused buffer."""
     total = torch.zeros_like(base)
     tau = torch.empty_like(base)
-    for expert, name in zip(finetuned, names, strict=True):
+    for name, expert in experts.items():
         total += torch.sub(expert_tensor(expert, key, base, name), base, out=tau)
     return total
-
-
-def task_vector(
-    pretrained: StateDict, finetuned: StateDict, exclude: Sequence[str] = ()
-) -> dict[str, Tensor]:
-    """τ = θ_ft − θ0 over the mergeable keys (float32). Materialises one model's worth of tensors:
-    for algorithms that need whole task vectors at once, not for streaming merges."""
-    return {
-        key: expert_tensor(finetuned, key, pretrained[key], "finetuned") - pretrained[key].float()
-        for key in mergeable_keys(pretrained, exclude)
-    }
 
 
 def check_same_architecture(reference: Mapping, other: Mapping, name: str) -> None:
@@ -154,7 +133,7 @@ def check_same_architecture(reference: Mapping, other: Mapping, name: str) -> No
             )
 
 
-# --- Sparsification and consensus: the pieces TIES, DARE and their combinations are built from ---
+# --- Streaming selection: exact k-th magnitudes over a whole model (TIES thresholds, top-k masks) ---
 
 _HALF_BITS = 16
 _BUCKETS = 1 << _HALF_BITS
@@ -255,153 +234,6 @@ def kth_smallest_magnitudes(
         low, _ = _select_bucket(hist, rank_in_bucket)
         out.append(torch.tensor((high << _HALF_BITS) | low, dtype=torch.int32).view(torch.float32))
     return out
-
-
-def ties_keep_rank(numel: int, threshold: float) -> int:
-    """Rank (k-th smallest |τ|) of TIES's trim threshold for a task vector of ``numel`` entries
-    and ``threshold`` percent kept. As in the TIES reference code: ``numel − int(numel·k)``, where
-    entries with |τ| ≥ that value are kept, i.e. ⌈k·numel⌉ entries when k·numel is not an integer
-    and k·numel + 1 when it is (with distinct magnitudes). Clamped to 1 so that 100% keeps all
-    (the reference code fails there)."""
-    if not 0.0 <= threshold <= 100.0:
-        raise FusionBenchError(
-            f"TIES threshold {threshold} is not a percentage: give the share of each task vector "
-            "to keep in percent, in [0, 100] (the paper's default is 20)."
-        )
-    return max(1, numel - int(numel * (threshold / 100)))
-
-
-def trim(tau: Tensor, kth_magnitude: Tensor) -> Tensor:
-    """TIES trim: zero the entries with |τ| below the task's threshold (ties with it are kept)."""
-    return tau * (tau.abs() >= kth_magnitude)
-
-
-def elect_sign(trimmed_sum: Tensor) -> Tensor:
-    """TIES sign election: the sign of Σ_i trim(τ_i), per entry. Entries where that sum is 0 get
-    sign 0 here; :func:`resolve_zero_signs` gives them the majority sign of the whole vector."""
-    return torch.sign(trimmed_sum)
-
-
-def majority_sign(sign_sum: float) -> float:
-    """The reference's majority sign: the sign of the sum of all elected signs (whole vector)."""
-    return float((sign_sum > 0) - (sign_sum < 0))
-
-
-def resolve_zero_signs(signs: Tensor, majority: float) -> Tensor:
-    return torch.where(signs == 0, torch.full_like(signs, majority), signs)
-
-
-def agrees(trimmed: Tensor, signs: Tensor) -> Tensor:
-    """Entries of ``trimmed`` kept by the disjoint merge: non-zero and of the elected sign. As in
-    the reference, a sign that is not positive selects the negative entries."""
-    return torch.where(signs > 0, trimmed > 0, trimmed < 0)
-
-
-MERGE_FUNCS = ("sum", "mean", "max")
-
-
-def check_merge_func(merge_func: str) -> None:
-    if merge_func not in MERGE_FUNCS:
-        raise FusionBenchError(
-            f"merge_func '{merge_func}' is not one of {list(MERGE_FUNCS)} (the TIES paper uses "
-            "'mean', FusionBench defaults to 'sum')."
-        )
-
-
-class DisjointMerge:
-    """TIES election and disjoint merge in ONE pass over the experts (memory independent of N).
-
-    ``add`` accumulates per entry what both steps need: S = Σ_i t_i (its sign is the elected sign
-    γ, :meth:`signs`), and for the disjoint merge, with ``g`` = +1 where the resolved sign is
-    positive and −1 elsewhere (the reference: a sign that is not positive selects the negative
-    entries), the agreeing part A of the entries follows from sums that do not depend on γ:
-
-    - ``sum`` (FusionBench's default): A = (S + g·Σ|t_i|) / 2, since S = g(A − D) and
-      Σ|t_i| = A + D (D: the disagreeing magnitudes). As γ = sign(S) gives A ≥ D, the rounding
-      error is a few ulps of A: no cancellation.
-    - ``mean`` (the paper): A / max(1, c) with c = (#non-zero + g·Σ sign t_i) / 2 agreeing experts.
-    - ``max``: the largest agreeing magnitude times the sign: the running max of t (g = +1) or of
-      −t (g = −1).
-    """
-
-    def __init__(self, like: Tensor, merge_func: str):
-        check_merge_func(merge_func)
-        self.merge_func = merge_func
-        self.total = torch.zeros_like(like)  # S
-        self._work = torch.empty_like(like)  # scratch of add(): no allocation per expert
-        if merge_func == "max":
-            self.pos = torch.zeros_like(like)
-            self.neg = torch.zeros_like(like)
-        else:
-            self.abs_total = torch.zeros_like(like)
-        if merge_func == "mean":
-            self.nonzero = torch.zeros_like(like)
-            self.sign_total = torch.zeros_like(like)
-
-    def add(self, trimmed: Tensor) -> None:
-        self.total += trimmed
-        work = self._work
-        if self.merge_func == "max":
-            torch.maximum(self.pos, trimmed, out=self.pos)
-            torch.maximum(self.neg, torch.neg(trimmed, out=work), out=self.neg)
-            return
-        self.abs_total += torch.abs(trimmed, out=work)
-        if self.merge_func == "mean":
-            self.sign_total += torch.sign(trimmed, out=work)
-            self.nonzero += torch.abs(work, out=work)
-
-    def signs(self) -> Tensor:
-        """The elected signs (0 where S is exactly 0: see :func:`resolve_zero_signs`)."""
-        return elect_sign(self.total)
-
-    def nonzero_any(self) -> Tensor:
-        """Where at least one added tensor was non-zero."""
-        if self.merge_func == "max":
-            return (self.pos != 0) | (self.neg != 0)
-        return self.abs_total != 0
-
-    def result(self, signs: Tensor) -> Tensor:
-        """The disjoint merge for the resolved ``signs``."""
-        if self.merge_func == "max":
-            return torch.where(signs > 0, self.pos, -self.neg) * signs.abs()
-        g = torch.where(signs > 0, 1.0, -1.0).to(self.total.dtype)
-        agreeing = (self.total + g * self.abs_total) / 2
-        if self.merge_func == "mean":
-            count = (self.nonzero + g * self.sign_total) / 2
-            return agreeing / count.clamp(min=1)
-        return agreeing
-
-    def select(self, index: Tensor) -> DisjointMerge:
-        """The accumulators at the flat positions ``index`` only (kept aside, small, for entries
-        whose sign is decided at the end)."""
-        part = DisjointMerge.__new__(DisjointMerge)
-        part.merge_func = self.merge_func
-        for name, value in vars(self).items():
-            if isinstance(value, Tensor) and name != "_work":
-                setattr(part, name, value.reshape(-1)[index])
-        return part
-
-
-def key_seed(seed: int, index: int, key: str) -> int:
-    """A 63-bit seed for (run seed, expert index, state-dict key): random draws per key do not
-    depend on the order keys are visited in, so several passes regenerate the same draws."""
-    digest = hashlib.blake2b(f"{seed}\x1f{index}\x1f{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
-def dare_drop(
-    tau: Tensor, sparsity_ratio: float, rescale: bool, generator: torch.Generator
-) -> Tensor:
-    """DARE: drop each entry with probability p and, with ``rescale``, divide the rest by 1 − p
-    (which keeps the expectation equal to τ)."""
-    if not 0.0 <= sparsity_ratio < 1.0:
-        raise FusionBenchError(
-            f"sparsity_ratio {sparsity_ratio} must be in [0, 1): it is the probability of "
-            "dropping a task-vector entry (DARE's default is 0.5)."
-        )
-    keep = torch.rand(tau.shape, generator=generator) >= sparsity_ratio
-    dropped = tau * keep
-    return dropped / (1.0 - sparsity_ratio) if rescale else dropped
 
 
 # --- Spectral pieces: what TSV-M and Iso-C are built from ---

@@ -24,3 +24,9 @@ def assert_state_dict_close(
             rtol=rtol,
             msg=lambda m, k=key: f"{k}: {m}",
         )
+
+
+def as_experts(state_dicts) -> dict:
+    """Experts for a method's ``merge(pretrained, experts)``: a list of state dicts named ``#0``,
+    ``#1``, ... (as ``fusion_bench.merge`` names a list of experts)."""
+    return {f"#{i}": sd for i, sd in enumerate(state_dicts)}

@@ -22,7 +22,8 @@ from hydra.utils import instantiate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fusion_bench.method.adamerging import AdaMerging, load_lambdas  # noqa: E402
-from fusion_bench.method.task_arithmetic import task_arithmetic  # noqa: E402
+from fusion_bench.method.base import Context, pool_experts  # noqa: E402
+from fusion_bench.method.task_arithmetic import TaskArithmetic  # noqa: E402
 from fusion_bench.paths import config_dir  # noqa: E402
 from fusion_bench.tensor_ops import mergeable_keys  # noqa: E402
 
@@ -34,12 +35,11 @@ def per_task(classifier, taskpool) -> dict[str, tuple[float, float]]:
     """task -> (mean test entropy in nats, test accuracy)."""
     out = {}
     for task in taskpool.tasks:
-        spec = taskpool.specs[task]
-        head = taskpool.zero_shot_head(classifier, task, torch.device("cpu"))
+        data = taskpool.data
+        head = data.zero_shot_head(classifier, task, torch.device("cpu"))
         ent, correct, total = 0.0, 0, 0
-        for images, labels in taskpool.loader(
-            taskpool.load_split(task, "test"), spec, classifier.preprocess
-        ):
+        ds = data.load_split(task, "test")
+        for images, labels in data.loader(ds, task, classifier.preprocess, taskpool.batch_size):
             logits = classifier.logits(images, head)
             ent += float(-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).sum())
             correct += int((logits.argmax(-1) == labels).sum())
@@ -58,16 +58,19 @@ def main() -> None:
     pool = instantiate(cfg.modelpool, _convert_="all")
     taskpool = instantiate(cfg.taskpool, _convert_="all")
     names = list(pool.expert_names)
-    pre, experts = pool.pretrained(), [pool.expert(n) for n in names]
+    pre, experts = pool.pretrained(), pool_experts(pool)
 
     stem = args.out / f"task_wise_{args.steps}"
     if not stem.with_suffix(".json").is_file():
-        AdaMerging(granularity="task", max_steps=args.steps, save_weights=str(stem)).run(pool)
+        method = AdaMerging(
+            granularity="task", max_steps=args.steps, save_weights=str(stem), seed=0
+        )
+        method.merge(pool, taskpool.data, Context())
     keys = list(mergeable_keys(pre))
     lambdas = load_lambdas(str(stem.with_suffix(".json")), names, keys, None)
 
     def evaluate(weights) -> dict[str, tuple[float, float]]:
-        merged = task_arithmetic(pre, experts, [float(w) for w in weights])
+        merged = TaskArithmetic(scaling_factor=[float(w) for w in weights]).merge(pre, experts)
         return per_task(pool.classifier(pool.build_encoder(merged)), taskpool)
 
     settings = {

@@ -19,7 +19,8 @@ from hydra.utils import instantiate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fusion_bench.method.task_arithmetic import task_arithmetic  # noqa: E402
+from fusion_bench.method.base import pool_experts  # noqa: E402
+from fusion_bench.method.task_arithmetic import TaskArithmetic  # noqa: E402
 from fusion_bench.paths import config_dir  # noqa: E402
 
 GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
@@ -29,11 +30,11 @@ GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]
 def entropy_and_accuracy(classifier, taskpool) -> tuple[float, float]:
     entropies, accuracies = [], []
     for task in taskpool.tasks:
-        spec = taskpool.specs[task]
-        head = taskpool.zero_shot_head(classifier, task, torch.device("cpu"))
-        ds = taskpool.load_split(task, "test")
+        data = taskpool.data
+        head = data.zero_shot_head(classifier, task, torch.device("cpu"))
+        ds = data.load_split(task, "test")
         ent_sum, correct, total = 0.0, 0, 0
-        for images, labels in taskpool.loader(ds, spec, classifier.preprocess):
+        for images, labels in data.loader(ds, task, classifier.preprocess, taskpool.batch_size):
             logits = classifier.logits(images, head)
             p = logits.softmax(-1)
             ent_sum += float(-(p * p.clamp_min(1e-12).log()).sum(-1).sum())
@@ -49,11 +50,11 @@ def main() -> None:
         cfg = compose("config", overrides=["logger=none"])
     pool = instantiate(cfg.modelpool, _convert_="all")
     taskpool = instantiate(cfg.taskpool, _convert_="all")
-    experts = [pool.expert(n) for n in pool.expert_names]
+    experts = pool_experts(pool)
     rows = []
     print("| λ | mean test entropy (nats) | mean test accuracy (%) |\n|---|---|---|")
     for lam in GRID:
-        merged = task_arithmetic(pool.pretrained(), experts, lam)
+        merged = TaskArithmetic(scaling_factor=lam).merge(pool.pretrained(), experts)
         ent, acc = entropy_and_accuracy(pool.classifier(pool.build_encoder(merged)), taskpool)
         rows.append((ent, acc))
         print(f"| {lam:.1f} | {ent:.3f} | {100 * acc:.1f} |", flush=True)

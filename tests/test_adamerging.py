@@ -16,10 +16,12 @@ from fusion_bench.method.adamerging import (
     merge_with_lambdas,
     stack_task_vectors,
 )
-from fusion_bench.method.task_arithmetic import task_arithmetic
+from fusion_bench.method.base import Context, pool_experts
+from fusion_bench.method.task_arithmetic import TaskArithmetic
 from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
 from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
-from fusion_bench.testing import assert_state_dict_close
+from fusion_bench.taskpool.data import TaskData
+from fusion_bench.testing import as_experts, assert_state_dict_close
 from tests.conftest import TASKS
 from tests.test_cli import run_cli
 from tests.wandb_records import wait_for_logged
@@ -38,13 +40,14 @@ def hf_pool(hf_pool_files):
     return CLIPVisionModelPool(hf_pool_files["pretrained"], hf_pool_files["experts"])
 
 
-def method(tiny_datasets, **kw) -> AdaMerging:
-    kw = {"max_steps": 3, "batch_size": 24, "datasets": tiny_datasets, **kw}
+def method(**kw) -> AdaMerging:
+    kw = {"max_steps": 3, "batch_size": 24, **kw}
     return AdaMerging(**kw)
 
 
-def experts(pool):
-    return [pool.expert(n) for n in pool.expert_names]
+def run(m: AdaMerging, pool, datasets=None) -> dict[str, torch.Tensor]:
+    """The method's merge on ``pool``, with the tiny datasets as task data (no output dir)."""
+    return m.merge(pool, TaskData(datasets=datasets), Context())
 
 
 # -- pure pieces -----------------------------------------------------------------------------
@@ -52,14 +55,14 @@ def test_merge_closed_form_and_layer_wise_equals_task_wise():
     g = torch.Generator().manual_seed(0)
     pre = {"w": torch.randn(3, 2, generator=g), "b": torch.randn(3, generator=g)}
     fts = [{k: v + torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(2)]
-    tvs = stack_task_vectors(pre, fts, ["w", "b"])
+    tvs = stack_task_vectors(pre, as_experts(fts), ["w", "b"])
     lam = torch.tensor([0.2, 0.7])
     expected = {k: pre[k] + 0.2 * (fts[0][k] - pre[k]) + 0.7 * (fts[1][k] - pre[k]) for k in pre}
     assert_state_dict_close(merge_with_lambdas(pre, tvs, lam), expected)
     layer = lam[:, None].expand(2, 2).clone()  # (N, L): the same λ for every tensor
     assert_state_dict_close(merge_with_lambdas(pre, tvs, layer), expected)
     # bfloat16 task vectors: close to the float32 merge
-    tvs16 = stack_task_vectors(pre, fts, ["w", "b"], torch.bfloat16)
+    tvs16 = stack_task_vectors(pre, as_experts(fts), ["w", "b"], torch.bfloat16)
     assert_state_dict_close(merge_with_lambdas(pre, tvs16, lam), expected, atol=3e-2, rtol=1e-2)
 
 
@@ -71,26 +74,31 @@ def test_entropy_closed_form():
 # -- the method on the tiny pools ------------------------------------------------------------
 @pytest.mark.parametrize("granularity", ["task", "layer"])
 def test_lr_zero_is_task_arithmetic(open_clip_pool, tiny_datasets, granularity):
-    merged = method(tiny_datasets, granularity=granularity, lr=0.0, max_steps=2).run(open_clip_pool)
-    expected = task_arithmetic(open_clip_pool.pretrained(), experts(open_clip_pool), 0.3)
+    merged = run(
+        method(granularity=granularity, lr=0.0, max_steps=2), open_clip_pool, tiny_datasets
+    )
+    expected = TaskArithmetic(scaling_factor=0.3).merge(
+        open_clip_pool.pretrained(), pool_experts(open_clip_pool)
+    )
     assert_state_dict_close(merged, expected)
 
 
 def test_plusplus_lr_zero_is_ties_sum(open_clip_pool, tiny_datasets):
     # AdaMerging++ with λ fixed at 0.3 = TIES with the disjoint *sum* scaled by 0.3
-    from fusion_bench.method.ties_merging import ties_merging
+    from fusion_bench.method.ties_merging import TiesMerging
 
-    merged = method(tiny_datasets, granularity="task", lr=0.0, max_steps=1, ties_threshold=20).run(
-        open_clip_pool
+    m = method(granularity="task", lr=0.0, max_steps=1, ties_threshold=20)
+    merged = run(m, open_clip_pool, tiny_datasets)
+    expected = TiesMerging(scaling_factor=0.3, threshold=20, merge_func="sum").merge(
+        open_clip_pool.pretrained(), pool_experts(open_clip_pool)
     )
-    expected = ties_merging(open_clip_pool.pretrained(), experts(open_clip_pool), 0.3, 20, "sum")
     assert_state_dict_close(merged, expected)
 
 
 def test_entropy_decreases_and_lambda_in_bounds(hf_pool, tiny_datasets):
     # batch = the whole test split (24 images): the loss is a deterministic function of λ
-    m = method(tiny_datasets, lr=0.05, max_steps=15, log_every=1)
-    m.run(hf_pool)
+    m = method(lr=0.05, max_steps=15, log_every=1)
+    run(m, hf_pool, tiny_datasets)
     losses = [r["tta/loss"] for r in m.history]
     assert losses[-1] < losses[0] - 1e-4, losses
     assert set(m.history[0]) >= {"tta/loss", *(f"tta/{t}/entropy" for t in TASKS)}
@@ -98,7 +106,7 @@ def test_entropy_decreases_and_lambda_in_bounds(hf_pool, tiny_datasets):
 
 def test_lambda_clamped_with_large_lr(open_clip_pool, tiny_datasets, tmp_path):
     stem = tmp_path / "w"
-    method(tiny_datasets, lr=10.0, max_steps=3, save_weights=str(stem)).run(open_clip_pool)
+    run(method(lr=10.0, max_steps=3, save_weights=str(stem)), open_clip_pool, tiny_datasets)
     lam = torch.tensor(json.loads(stem.with_suffix(".json").read_text())["lambdas"])
     assert lam.shape[0] == len(TASKS) and lam.min() >= 0.0 and lam.max() <= 1.0
     assert ((lam == 0.0) | (lam == 1.0)).any()  # the steps really left the interval
@@ -106,14 +114,14 @@ def test_lambda_clamped_with_large_lr(open_clip_pool, tiny_datasets, tmp_path):
 
 def test_saved_lambdas_reproduce_the_merge(open_clip_pool, tiny_datasets, tmp_path):
     stem = tmp_path / "out" / "adamerging_weights"
-    adapted = method(tiny_datasets, lr=0.05, save_weights=str(stem)).run(open_clip_pool)
+    adapted = run(method(lr=0.05, save_weights=str(stem)), open_clip_pool, tiny_datasets)
     for suffix in (".safetensors", ".json"):
-        reloaded = AdaMerging(weights=str(stem.with_suffix(suffix))).run(open_clip_pool)
+        reloaded = run(AdaMerging(weights=str(stem.with_suffix(suffix))), open_clip_pool)
         assert_state_dict_close(reloaded, adapted, atol=0, rtol=0)
     with pytest.raises(FusionBenchError, match="ties_threshold"):
-        AdaMerging(weights=str(stem) + ".json", ties_threshold=20).run(open_clip_pool)
+        run(AdaMerging(weights=str(stem) + ".json", ties_threshold=20), open_clip_pool)
     with pytest.raises(FusionBenchError, match="does not exist"):
-        AdaMerging(weights=str(tmp_path / "nope.json")).run(open_clip_pool)
+        run(AdaMerging(weights=str(tmp_path / "nope.json")), open_clip_pool)
 
 
 def test_constructor_checks_and_memory_estimate():

@@ -10,11 +10,12 @@ import torch
 
 import fusion_bench
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.task_arithmetic import task_arithmetic
-from fusion_bench.method.ties_merging import ties_merging
+from fusion_bench.method.base import pool_experts
+from fusion_bench.method.task_arithmetic import TaskArithmetic
+from fusion_bench.method.ties_merging import TiesMerging
 from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
 from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
-from fusion_bench.testing import assert_state_dict_close
+from fusion_bench.testing import as_experts, assert_state_dict_close
 
 
 def make_state(seed: int, scale: float = 1.0) -> dict:
@@ -48,10 +49,12 @@ def test_state_dicts_with_yaml_defaults_and_overrides(sds):
     pre, fts = sds
     # ties_merging.yaml defaults: scaling_factor 0.3, threshold 20, merge_func sum
     assert_state_dict_close(
-        fusion_bench.merge("ties_merging", pre, fts), ties_merging(pre, fts, 0.3, 20, "sum")
+        fusion_bench.merge("ties_merging", pre, fts),
+        TiesMerging(scaling_factor=0.3, threshold=20, merge_func="sum").merge(pre, as_experts(fts)),
     )
     out = fusion_bench.merge("ties_merging", pre, fts, scaling_factor=0.6, merge_func="mean")
-    assert_state_dict_close(out, ties_merging(pre, fts, 0.6, 20, "mean"))
+    expected = TiesMerging(scaling_factor=0.6, threshold=20, merge_func="mean")
+    assert_state_dict_close(out, expected.merge(pre, as_experts(fts)))
     named = fusion_bench.merge(
         "weighted_average",
         pre,
@@ -70,9 +73,11 @@ def test_unknown_names_are_clear_errors(sds):
         fusion_bench.merge("ties_mergin", pre, fts)
     with pytest.raises(FusionBenchError, match="needs the fine-tuned experts"):
         fusion_bench.merge("task_arithmetic", pre)
-    with pytest.raises(FusionBenchError, match="one model per task"):
+    with pytest.raises(FusionBenchError, match=r"one model per task.*fusion_bench\.evaluate"):
         fusion_bench.merge("individual", pre, fts)
-    with pytest.raises(FusionBenchError, match="run it with the CLI"):  # needs data from the run
+    with pytest.raises(FusionBenchError, match=r"output ensemble.*fusion_bench\.evaluate"):
+        fusion_bench.merge("simple_ensemble", pre, fts)
+    with pytest.raises(FusionBenchError, match="Pass a model pool"):  # builds models: needs a pool
         fusion_bench.merge("fisher_merging", pre, fts)
 
 
@@ -89,7 +94,7 @@ def test_open_clip_files_equal_the_pool(open_clip_pool_files):
     pool = OpenCLIPModelPool(
         f["model_name"], f["pretrained"], f["experts"], model_config=f["config"]
     )
-    expected = task_arithmetic(pool.pretrained(), [pool.expert(t) for t in pool.expert_names], 0.5)
+    expected = TaskArithmetic(scaling_factor=0.5).merge(pool.pretrained(), pool_experts(pool))
     # the pretrained file is a whole open_clip CLIP: its image tower is picked out
     out = fusion_bench.merge(
         "task_arithmetic", f["pretrained"], list(f["experts"].values()), scaling_factor=0.5
@@ -107,7 +112,7 @@ def test_hf_directories_equal_the_pool(hf_pool_files, tmp_path):
 
     f = hf_pool_files
     pool = CLIPVisionModelPool(f["pretrained"], f["experts"])
-    expected = ties_merging(pool.pretrained(), [pool.expert(t) for t in pool.expert_names])
+    expected = TiesMerging().merge(pool.pretrained(), pool_experts(pool))
     target = tmp_path / "merged.safetensors"
     out = fusion_bench.merge("ties_merging", f["pretrained"], f["experts"], save_to=target)
     assert_state_dict_close(out, expected)

@@ -73,14 +73,15 @@ def test_run_end_to_end_hf(hf_cli_args, tmp_path, capsys):
     # merged model: re-loadable with from_pretrained, equal to the merge
     merged = CLIPVisionModel.from_pretrained(tmp_path / "merged")
     assert (tmp_path / "merged" / "README.md").read_text().startswith("# Merged model")
-    from fusion_bench.method.task_arithmetic import task_arithmetic
+    from fusion_bench.method.base import pool_experts
+    from fusion_bench.method.task_arithmetic import TaskArithmetic
     from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
     from fusion_bench.testing import assert_state_dict_close
 
     pool = CLIPVisionModelPool(
         report["config"]["modelpool"]["pretrained"], report["config"]["modelpool"]["finetuned"]
     )
-    expected = task_arithmetic(pool.pretrained(), [pool.expert(t) for t in pool.expert_names], 0.5)
+    expected = TaskArithmetic(scaling_factor=0.5).merge(pool.pretrained(), pool_experts(pool))
     assert_state_dict_close(merged.state_dict(), expected)
 
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.dare import DroppedExpert, dare
-from fusion_bench.method.magmax import magmax
-from fusion_bench.method.model_stock import model_stock
-from fusion_bench.method.simple_average import simple_average
-from fusion_bench.method.task_arithmetic import task_arithmetic
-from fusion_bench.method.ties_merging import ties_merging, ties_thresholds, ties_trim_and_elect
-from fusion_bench.method.weighted_average import weighted_average, weights_in_order
-from fusion_bench.testing import assert_state_dict_close
+from fusion_bench.method.dare import Dare, DroppedExpert
+from fusion_bench.method.magmax import MagMax
+from fusion_bench.method.model_stock import ModelStock
+from fusion_bench.method.simple_average import SimpleAverage
+from fusion_bench.method.task_arithmetic import TaskArithmetic
+from fusion_bench.method.ties_merging import TiesMerging, ties_thresholds, ties_trim_and_elect
+from fusion_bench.method.weighted_average import WeightedAverage, weights_in_order
+from fusion_bench.testing import as_experts, assert_state_dict_close
 from tests.test_cli import run_cli
 
 FLOAT_KEYS = ("a.weight", "a.bias", "b.weight")
@@ -72,16 +72,21 @@ def dense_ties(pre, fts, scaling_factor, threshold, merge_func):
 # --- weighted average --------------------------------------------------------------------------
 def test_weighted_average_oracles(pool):
     pre, fts = pool
-    assert_state_dict_close(weighted_average(pre, fts, [2.0, 2.0, 2.0]), simple_average(pre, fts))
-    out = weighted_average(pre, fts, [1.0, 2.0, 3.0])
+    experts = as_experts(fts)
+    assert_state_dict_close(
+        WeightedAverage(weights=[2.0, 2.0, 2.0]).merge(pre, experts),
+        SimpleAverage().merge(pre, experts),
+    )
+    out = WeightedAverage(weights=[1.0, 2.0, 3.0]).merge(pre, experts)
     expected = sum(w * f["a.weight"] for w, f in zip((1 / 6, 2 / 6, 3 / 6), fts, strict=True))
     torch.testing.assert_close(out["a.weight"], expected)
-    raw = weighted_average(pre, fts, [0.5, 0.5, 0.5], normalize=False)  # FusionBench: Σ w θ
+    unnormalized = WeightedAverage(weights=[0.5, 0.5, 0.5], normalize=False)
+    raw = unnormalized.merge(pre, experts)  # FusionBench: Σ w θ
     torch.testing.assert_close(raw["a.bias"], 0.5 * sum(f["a.bias"] for f in fts))
     assert torch.equal(raw["pos_ids"], pre["pos_ids"])
     assert weights_in_order({"y": 2, "x": 1}, ["x", "y"]) == [1.0, 2.0]
     with pytest.raises(FusionBenchError, match="one weight per expert"):
-        weighted_average(pre, fts, [1.0, 2.0])
+        WeightedAverage(weights=[1.0, 2.0]).merge(pre, experts)
     with pytest.raises(FusionBenchError, match="misses"):
         weights_in_order({"x": 1}, ["x", "y"])
     with pytest.raises(FusionBenchError, match="needs method.weights"):
@@ -93,7 +98,8 @@ def test_weighted_average_oracles(pool):
 @pytest.mark.parametrize("threshold", [20, 50])
 def test_ties_equals_dense_reference(pool, merge_func, threshold):
     pre, fts = pool
-    out = ties_merging(pre, fts, 0.7, threshold, merge_func)
+    ties = TiesMerging(scaling_factor=0.7, threshold=threshold, merge_func=merge_func)
+    out = ties.merge(pre, as_experts(fts))
     assert_state_dict_close(out, dense_ties(pre, fts, 0.7, threshold, merge_func))
 
 
@@ -110,14 +116,16 @@ def test_ties_equals_dense_reference_with_many_tied_magnitudes(merge_func):
         tau = {k: levels[torch.randint(0, 7, pre[k].shape, generator=g)] for k in FLOAT_KEYS}
         fts.append(expert_of(pre, tau))
     for threshold in (10, 20, 50, 100):
-        out = ties_merging(pre, fts, 1.0, threshold, merge_func)
+        ties = TiesMerging(scaling_factor=1.0, threshold=threshold, merge_func=merge_func)
+        out = ties.merge(pre, as_experts(fts))
         assert_state_dict_close(out, dense_ties(pre, fts, 1.0, threshold, merge_func))
 
 
 def test_ties_lambda_zero_and_identical_experts(pool):
     pre, fts = pool
-    assert_state_dict_close(ties_merging(pre, fts, 0.0), pre)
-    same = ties_merging(pre, [fts[0]] * 4, scaling_factor=1.0, threshold=100, merge_func="mean")
+    assert_state_dict_close(TiesMerging(scaling_factor=0.0).merge(pre, as_experts(fts)), pre)
+    ties = TiesMerging(scaling_factor=1.0, threshold=100, merge_func="mean")
+    same = ties.merge(pre, as_experts([fts[0]] * 4))
     assert_state_dict_close(same, with_pos(fts[0], pre))
 
 
@@ -127,23 +135,26 @@ def test_ties_top100_without_conflicts_is_task_arithmetic_or_average():
         expert_of(pre, {k: v.abs() for k, v in make_state(i, 0.1).items() if k in FLOAT_KEYS})
         for i in (1, 2, 3)
     ]
+    experts = as_experts(positive)
     assert_state_dict_close(
-        ties_merging(pre, positive, 0.4, 100, "sum"), task_arithmetic(pre, positive, 0.4)
+        TiesMerging(scaling_factor=0.4, threshold=100, merge_func="sum").merge(pre, experts),
+        TaskArithmetic(scaling_factor=0.4).merge(pre, experts),
     )
     assert_state_dict_close(
-        ties_merging(pre, positive, 1.0, 100, "mean"), simple_average(pre, positive)
+        TiesMerging(scaling_factor=1.0, threshold=100, merge_func="mean").merge(pre, experts),
+        SimpleAverage().merge(pre, experts),
     )
 
 
 def test_ties_global_threshold_and_kept_count(pool):
     pre, fts = pool
     d = sum(pre[k].numel() for k in FLOAT_KEYS)  # 48: 20% = 9.6
-    thresholds = ties_thresholds(pre, fts, 20)
+    thresholds = ties_thresholds(pre, as_experts(fts), 20)
     for f, kth in zip(fts, thresholds, strict=True):
         flat = torch.cat([(f[k] - pre[k]).reshape(-1) for k in FLOAT_KEYS]).abs()
         assert torch.equal(kth, flat.kthvalue(d - int(d * 0.2)).values)  # one global value
         assert int((flat >= kth).sum()) == math.ceil(0.2 * d)
-    single = ties_trim_and_elect(pre, fts[:1], 20)[0]  # one expert: nothing disagrees
+    single = ties_trim_and_elect(pre, as_experts(fts[:1]), 20)[0]  # one expert: nothing disagrees
     assert sum(int((v != 0).sum()) for v in single.values()) == math.ceil(0.2 * d)
     assert set(single) == set(FLOAT_KEYS)  # mergeable keys only
 
@@ -153,79 +164,95 @@ def test_ties_exact_cancellation_takes_majority_sign():
     pre = {"b.weight": torch.zeros(6), "pos_ids": torch.arange(2)}
     t1 = {"b.weight": torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0, 5.0])}
     t2 = {"b.weight": torch.tensor([-0.5, 1.0, 2.0, 3.0, 4.0, 5.0])}
-    fts = [expert_of(pre, t1), expert_of(pre, t2)]
+    fts = as_experts([expert_of(pre, t1), expert_of(pre, t2)])
     for func, first in (("sum", 0.5), ("mean", 0.5), ("max", 0.5)):
-        out = ties_merging(pre, fts, 1.0, 100, func)
+        out = TiesMerging(scaling_factor=1.0, threshold=100, merge_func=func).merge(pre, fts)
         assert out["b.weight"][0].item() == first, func
-    minus = [expert_of(pre, {"b.weight": -t["b.weight"]}) for t in (t1, t2)]
-    assert ties_merging(pre, minus, 1.0, 100, "sum")["b.weight"][0].item() == -0.5
+    minus = as_experts([expert_of(pre, {"b.weight": -t["b.weight"]}) for t in (t1, t2)])
+    ties_sum = TiesMerging(scaling_factor=1.0, threshold=100, merge_func="sum")
+    assert ties_sum.merge(pre, minus)["b.weight"][0].item() == -0.5
     kept = ties_trim_and_elect(pre, fts, 100)
     assert kept[0]["b.weight"][0].item() == 0.5 and kept[1]["b.weight"][0].item() == 0.0
 
 
 def test_ties_trim_and_elect_sums_to_the_merge(pool):
     pre, fts = pool
-    kept = ties_trim_and_elect(pre, fts, 20)
+    experts = as_experts(fts)
+    kept = ties_trim_and_elect(pre, experts, 20)
     expected = {k: pre[k] + 0.3 * sum(v[k] for v in kept) for k in FLOAT_KEYS}
-    assert_state_dict_close(ties_merging(pre, fts, 0.3, 20, "sum"), with_pos(expected, pre))
+    out = TiesMerging(scaling_factor=0.3, threshold=20, merge_func="sum").merge(pre, experts)
+    assert_state_dict_close(out, with_pos(expected, pre))
 
 
-def test_ties_bad_options_are_clear_errors(pool):
-    pre, fts = pool
+def test_ties_bad_options_are_clear_errors():
     with pytest.raises(FusionBenchError, match="merge_func"):
-        ties_merging(pre, fts, merge_func="avg")
+        TiesMerging(merge_func="avg")
     with pytest.raises(FusionBenchError, match="percent"):
-        ties_merging(pre, fts, threshold=-1)
+        TiesMerging(threshold=-1)
 
 
 # --- DARE --------------------------------------------------------------------------------------
 BASES = {
-    "simple_average": lambda pre, fts: simple_average(pre, fts),
-    "task_arithmetic": lambda pre, fts: task_arithmetic(pre, fts, 0.3),
-    "ties_merging": lambda pre, fts: ties_merging(pre, fts, 0.3, 20, "sum"),
+    "simple_average": SimpleAverage(),
+    "task_arithmetic": TaskArithmetic(scaling_factor=0.3),
+    "ties_merging": TiesMerging(scaling_factor=0.3, threshold=20, merge_func="sum"),
 }
 
 
 @pytest.mark.parametrize("base", list(BASES))
 def test_dare_p0_is_the_base_method(pool, base):
     pre, fts = pool
-    out = dare(pre, fts, base, sparsity_ratio=0.0, scaling_factor=0.3)
-    assert_state_dict_close(out, BASES[base](pre, fts), atol=0, rtol=0)
+    experts = as_experts(fts)
+    out = Dare(base=base, sparsity_ratio=0.0, scaling_factor=0.3).merge(pre, experts)
+    assert_state_dict_close(out, BASES[base].merge(pre, experts), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("base", ["simple_average", "task_arithmetic"])
 def test_dare_mean_over_seeds_tends_to_the_base(pool, base):
     pre, fts = pool
-    runs = [dare(pre, fts, base, 0.5, seed=s, scaling_factor=0.3) for s in range(300)]
+    experts = as_experts(fts)
+    runs = [
+        Dare(base=base, sparsity_ratio=0.5, seed=s, scaling_factor=0.3).merge(pre, experts)
+        for s in range(300)
+    ]
     mean = {k: torch.stack([r[k] for r in runs]).mean(0) for k in FLOAT_KEYS}
-    assert_state_dict_close(with_pos(mean, pre), BASES[base](pre, fts), atol=0.02, rtol=0)
+    expected = BASES[base].merge(pre, experts)
+    assert_state_dict_close(with_pos(mean, pre), expected, atol=0.02, rtol=0)
 
 
 def test_dare_is_reproducible_and_order_free(pool):
     pre, fts = pool
-    a = dare(pre, fts, "ties_merging", 0.5, seed=3)
-    assert_state_dict_close(dare(pre, fts, "ties_merging", 0.5, seed=3), a, atol=0, rtol=0)
-    assert not torch.equal(dare(pre, fts, "ties_merging", 0.5, seed=4)["a.weight"], a["a.weight"])
+    experts = as_experts(fts)
+
+    def dare(pretrained, seed):
+        return Dare(base="ties_merging", sparsity_ratio=0.5, seed=seed).merge(pretrained, experts)
+
+    a = dare(pre, 3)
+    assert_state_dict_close(dare(pre, 3), a, atol=0, rtol=0)
+    assert not torch.equal(dare(pre, 4)["a.weight"], a["a.weight"])
     reversed_pre = dict(reversed(list(pre.items())))  # keys visited in another order
-    assert_state_dict_close(dare(reversed_pre, fts, "ties_merging", 0.5, seed=3), a, atol=0, rtol=0)
+    assert_state_dict_close(dare(reversed_pre, 3), a, atol=0, rtol=0)
 
 
 def test_dare_ties_uses_the_dropped_vectors(pool):
     pre, fts = pool
+    settings = Dare(base="ties_merging", sparsity_ratio=0.5, rescale=True, seed=7)
+    experts = as_experts(fts)
     dropped = [
-        {k: v for k, v in DroppedExpert(pre, f, i, 7, 0.5, True).items()} for i, f in enumerate(fts)
+        dict(DroppedExpert(pre, f, i, settings, name).items())
+        for i, (name, f) in enumerate(experts.items())
     ]
     for k in FLOAT_KEYS:  # about half of each task vector is dropped, survivors are ×2
         tau, kept = fts[0][k] - pre[k], dropped[0][k] - pre[k]
         nz = kept.abs() > 1e-6
         torch.testing.assert_close(kept[nz], 2 * tau[nz])
     assert_state_dict_close(
-        dare(pre, fts, "ties_merging", 0.5, seed=7),
+        settings.merge(pre, experts),
         dense_ties(pre, dropped, 0.3, 20, "sum"),
         atol=1e-6,
     )
     with pytest.raises(FusionBenchError, match="base"):
-        dare(pre, fts, "magmax")
+        Dare(base="magmax")
 
 
 # --- MagMax ------------------------------------------------------------------------------------
@@ -233,10 +260,10 @@ def test_magmax_picks_the_largest_magnitude():
     pre = {"w": torch.tensor([1.0, 1.0, 1.0, 1.0]), "pos_ids": torch.arange(2)}
     taus = [torch.tensor([0.1, -0.9, 0.0, 0.5]), torch.tensor([-0.3, 0.2, 0.0, -0.5])]
     fts = [expert_of(pre, {"w": t}) for t in taus]
-    out = magmax(pre, fts, scaling_factor=0.5)
+    out = MagMax(scaling_factor=0.5).merge(pre, as_experts(fts))
     torch.testing.assert_close(out["w"], 1.0 + 0.5 * torch.tensor([-0.3, -0.9, 0.0, 0.5]))
-    assert_state_dict_close(magmax(pre, fts, 0.0), pre)
-    assert_state_dict_close(magmax(pre, [fts[1]] * 3, 1.0), fts[1])
+    assert_state_dict_close(MagMax(scaling_factor=0.0).merge(pre, as_experts(fts)), pre)
+    assert_state_dict_close(MagMax(scaling_factor=1.0).merge(pre, as_experts([fts[1]] * 3)), fts[1])
 
 
 # --- Model Stock -------------------------------------------------------------------------------
@@ -246,24 +273,25 @@ def test_model_stock_closed_form_two_experts():
         expert_of(pre, {"w": torch.tensor([1.0, 0.0]), "v": torch.tensor([1.0, 0.0])}),
         expert_of(pre, {"w": torch.tensor([1.0, 1.0]), "v": torch.tensor([0.0, 1.0])}),
     ]
-    out = model_stock(pre, fts)
+    out = ModelStock().merge(pre, as_experts(fts))
     cos = 1 / math.sqrt(2)
     t = 2 * cos / (1 + cos)  # k = 2
     torch.testing.assert_close(out["w"], pre["w"] + t * torch.tensor([1.0, 0.5]))
     torch.testing.assert_close(out["v"], pre["v"])  # orthogonal task vectors: t = 0
     assert torch.equal(out["n"], pre["n"])
-    assert_state_dict_close(model_stock(pre, [fts[0]] * 3), fts[0])  # identical: t = 1
+    identical = ModelStock().merge(pre, as_experts([fts[0]] * 3))
+    assert_state_dict_close(identical, fts[0])  # identical: t = 1
 
 
 def test_model_stock_averages_pair_angles():
     pre = {"w": torch.zeros(2)}
     taus = [torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]), torch.tensor([0.0, 1.0])]
-    out = model_stock(pre, [{"w": t} for t in taus])
+    out = ModelStock().merge(pre, as_experts([{"w": t} for t in taus]))
     angle = (math.pi / 4 + math.pi / 2 + math.pi / 4) / 3  # mean of the three pair angles
     t = 3 * math.cos(angle) / (1 + 2 * math.cos(angle))
     torch.testing.assert_close(out["w"], t * torch.stack(taus).mean(0))
     with pytest.raises(FusionBenchError, match="at least 2"):
-        model_stock(pre, [{"w": taus[0]}])
+        ModelStock().merge(pre, as_experts([{"w": taus[0]}]))
 
 
 # --- each method from the CLI ------------------------------------------------------------------

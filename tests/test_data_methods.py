@@ -8,11 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from fusion_bench.method.calibration import CalibrationData
-from fusion_bench.method.fisher_merging import diagonal_fisher, fisher_merging
-from fusion_bench.method.regmean import GramRecorder, reduce_off_diagonal, regmean
-from fusion_bench.method.simple_average import simple_average
-from fusion_bench.testing import assert_state_dict_close
+from fusion_bench.method.base import Context
+from fusion_bench.method.fisher_merging import FisherMerging, diagonal_fisher
+from fusion_bench.method.regmean import GramRecorder, RegMean, reduce_off_diagonal
+from fusion_bench.method.simple_average import SimpleAverage
+from fusion_bench.taskpool.data import TaskData
+from fusion_bench.testing import as_experts, assert_state_dict_close
 from tests.conftest import TASKS
 from tests.test_cli import run_cli
 
@@ -32,8 +33,10 @@ def toy_state(seed: int) -> dict[str, torch.Tensor]:
 def test_regmean_with_identity_grams_is_the_simple_average():
     pre, experts = toy_state(0), [toy_state(1), toy_state(2), toy_state(3)]
     grams = [{"fc1.weight": torch.eye(4), "fc2.weight": torch.eye(5)} for _ in experts]
+    average = SimpleAverage().merge(pre, as_experts(experts))
     for ratio in (0.0, 0.6, 1.0):
-        assert_state_dict_close(regmean(pre, experts, grams, ratio), simple_average(pre, experts))
+        merged = RegMean(reduce_non_diagonal_ratio=ratio).solve(pre, as_experts(experts), grams)
+        assert_state_dict_close(merged, average)
 
 
 def test_regmean_single_layer_is_the_least_squares_solution():
@@ -41,7 +44,9 @@ def test_regmean_single_layer_is_the_least_squares_solution():
     xs = [torch.randn(30, 4, generator=g), torch.randn(30, 4, generator=g) * 3]  # (rows, in)
     ws = [torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)]  # (out, in)
     grams = [{"w": x.T @ x / len(x)} for x in xs]  # the recorder's mean over rows
-    merged = regmean({"w": torch.zeros(3, 4)}, [{"w": w} for w in ws], grams, 1.0)["w"]
+    merged = RegMean(reduce_non_diagonal_ratio=1.0).solve(
+        {"w": torch.zeros(3, 4)}, as_experts([{"w": w} for w in ws]), grams
+    )["w"]
     # argmin_W Σ_i ‖X_i Wᵀ − X_i W_iᵀ‖² (equal row counts, so the 1/rows factor is common)
     inputs, targets = torch.cat(xs), torch.cat([x @ w.T for x, w in zip(xs, ws, strict=True)])
     expected = torch.linalg.lstsq(inputs, targets).solution.T
@@ -54,7 +59,9 @@ def test_regmean_ratio_zero_is_a_per_input_weighted_average():
         {"w": torch.tensor([[1.0, 5.0], [5.0, 3.0]])},
         {"w": torch.tensor([[3.0, 7.0], [7.0, 1.0]])},
     ]
-    merged = regmean({"w": torch.zeros(3, 2)}, [{"w": w1}, {"w": w2}], grams, 0.0)["w"]
+    merged = RegMean(reduce_non_diagonal_ratio=0.0).solve(
+        {"w": torch.zeros(3, 2)}, as_experts([{"w": w1}, {"w": w2}]), grams
+    )["w"]
     expected = torch.stack(
         [(1 * w1[:, 0] + 3 * w2[:, 0]) / 4, (3 * w1[:, 1] + 1 * w2[:, 1]) / 4], 1
     )
@@ -135,8 +142,10 @@ def test_gram_recorder_covers_every_linear_layer_of_both_towers(open_clip_pool, 
 def test_fisher_with_equal_fishers_is_the_simple_average(normalize):
     pre, experts = toy_state(0), [toy_state(1), toy_state(2), toy_state(3)]
     fisher = {k: v.abs() for k, v in toy_state(4).items() if v.is_floating_point()}
-    merged = fisher_merging(pre, experts, [fisher] * 3, normalize)
-    assert_state_dict_close(merged, simple_average(pre, experts))
+    merged = FisherMerging(normalize_fisher_weight=normalize).fisher_average(
+        pre, as_experts(experts), [fisher] * 3
+    )
+    assert_state_dict_close(merged, SimpleAverage().merge(pre, as_experts(experts)))
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -144,8 +153,9 @@ def test_fisher_merging_closed_form_two_experts(normalize):
     eps = 1e-6
     t1, t2 = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([5.0, -2.0, 0.0])
     f1, f2 = torch.tensor([1.0, 0.0, 3.0]), torch.tensor([1.0, 2.0, 1.0])
-    merged = fisher_merging(
-        {"w": torch.zeros(3)}, [{"w": t1}, {"w": t2}], [{"w": f1}, {"w": f2}], normalize, eps
+    method = FisherMerging(normalize_fisher_weight=normalize, minimal_fisher_weight=eps)
+    merged = method.fisher_average(
+        {"w": torch.zeros(3)}, as_experts([{"w": t1}, {"w": t2}]), [{"w": f1}, {"w": f2}]
     )["w"]
     c1, c2 = (1 / (10**0.5 + eps), 1 / (6**0.5 + eps)) if normalize else (1.0, 1.0)
     w1, w2 = c1 * (f1 + eps), c2 * (f2 + eps)
@@ -173,17 +183,17 @@ def test_diagonal_fisher_matches_the_closed_form_for_a_linear_softmax():
 def test_calibration_uses_train_minus_the_carved_validation(open_clip_pool, tiny_datasets):
     from fusion_bench.taskpool.clip_classification import CLIPClassificationTaskPool
 
-    data = CalibrationData(list(TASKS), num_samples=100, batch_size=8, datasets=tiny_datasets)
+    data = TaskData(datasets=tiny_datasets)
     preprocess = open_clip_pool.classifier(open_clip_pool.build_encoder()).preprocess
-    batches = list(data.batches("mnist", preprocess))
+    batches = list(data.images("mnist", "train", preprocess, num_samples=100, batch_size=8))
     assert [len(b) for b in batches] == [8, 8, 8, 8, 4]  # 40 train − 4 carved for validation
     assert batches[0].shape[1:] == (3, 16, 16)
     pool = CLIPClassificationTaskPool(list(TASKS), datasets=tiny_datasets)
-    train = {tuple(r["image"].tobytes()) for r in pool.load_split("mnist", "train")}
-    val = {tuple(r["image"].tobytes()) for r in pool.load_split("mnist", "validation")}
+    train = {tuple(r["image"].tobytes()) for r in pool.data.load_split("mnist", "train")}
+    val = {tuple(r["image"].tobytes()) for r in pool.data.load_split("mnist", "validation")}
     assert len(train) == 36 and len(val) == 4 and not train & val
-    few = CalibrationData(list(TASKS), num_samples=10, batch_size=4, datasets=tiny_datasets)
-    assert sum(len(b) for b in few.batches("eurosat", preprocess)) == 10
+    few = data.images("eurosat", "train", preprocess, num_samples=10, batch_size=4)
+    assert sum(len(b) for b in few) == 10
 
 
 # -- whole methods on the tiny pools ------------------------------------------------------------
@@ -194,10 +204,10 @@ def test_regmean_and_regmean_plusplus_of_one_expert_return_it(open_clip_files_on
     pool, datasets = open_clip_files_one
     expert = pool.expert("mnist")
     for method in (
-        RegMean(num_regmean_examples=16, datasets=datasets),
-        RegMeanPlusPlus(num_regmean_examples=16, datasets=datasets),
+        RegMean(num_regmean_examples=16),
+        RegMeanPlusPlus(num_regmean_examples=16),
     ):
-        merged = method.run(pool)
+        merged = method.merge(pool, TaskData(datasets=datasets), Context())
         assert_state_dict_close(merged, {k: expert[k] for k in expert}, atol=1e-4, rtol=1e-4)
 
 
@@ -256,20 +266,18 @@ def test_regmean_plusplus_equals_regmean_when_experts_differ_only_in_the_last_bl
         files,
         model_config=open_clip_pool.model_config,
     )
-    kwargs = {
-        "num_regmean_examples": 8,
-        "batch_size": 8,
-        "datasets": tiny_datasets,
-        "reduce_non_diagonal_ratio": 0.9,
-    }
-    plain, plusplus = RegMean(**kwargs).run(pool), RegMeanPlusPlus(**kwargs).run(pool)
+    kwargs = {"num_regmean_examples": 8, "batch_size": 8, "reduce_non_diagonal_ratio": 0.9}
+    data, context = TaskData(datasets=tiny_datasets), Context()
+    plain = RegMean(**kwargs).merge(pool, data, context)
+    plusplus = RegMeanPlusPlus(**kwargs).merge(pool, data, context)
     assert_state_dict_close(plusplus, plain, atol=1e-4, rtol=1e-4)
     key = "transformer.resblocks.1.mlp.c_fc.weight"  # and it is not just the average
-    assert not torch.allclose(plain[key], simple_average(pre, [pool.expert(t) for t in TASKS])[key])
+    average = SimpleAverage().merge(pre, {t: pool.expert(t) for t in TASKS})
+    assert not torch.allclose(plain[key], average[key])
     # not vacuous: when block 0 differs too, block 1 sees other inputs in RegMean++
     plain, plusplus = (
-        RegMean(**kwargs).run(open_clip_pool),
-        RegMeanPlusPlus(**kwargs).run(open_clip_pool),
+        RegMean(**kwargs).merge(open_clip_pool, data, context),
+        RegMeanPlusPlus(**kwargs).merge(open_clip_pool, data, context),
     )
     torch.testing.assert_close(
         plusplus["transformer.resblocks.0.mlp.c_fc.weight"],

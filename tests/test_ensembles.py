@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fusion_bench.method.base import Context, build_classifiers
 from fusion_bench.method.ensemble import EnsembleClassifier
 from fusion_bench.method.max_model_predictor import MaxModelPredictor, max_logits
 from fusion_bench.method.simple_ensemble import SimpleEnsemble
@@ -45,7 +46,8 @@ def test_ensembles_match_hand_computed_logits(hf_pool):
             (MaxModelPredictor(), torch.maximum(l1, l2)),
         ]
         for method, expected in cases:
-            ensemble = method.run(hf_pool)
+            ensemble, state = build_classifiers(method, hf_pool, None, Context(), "ensemble")
+            assert state is None  # not a merge: no state dict
             assert isinstance(ensemble, EnsembleClassifier) and isinstance(
                 ensemble, ZeroShotClassifier
             )
@@ -60,7 +62,7 @@ def test_weighted_ensemble_needs_one_weight_per_expert(hf_pool):
     from fusion_bench.errors import FusionBenchError
 
     with pytest.raises(FusionBenchError, match="one weight per expert"):
-        WeightedEnsemble([1.0, 2.0, 3.0]).run(hf_pool)
+        WeightedEnsemble([1.0, 2.0, 3.0]).combiner(hf_pool.expert_names)
 
 
 @pytest.mark.parametrize("method", ["simple_ensemble", "weighted_ensemble", "max_model_predictor"])

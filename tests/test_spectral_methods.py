@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.iso_c import iso_c
-from fusion_bench.method.task_arithmetic import task_arithmetic
-from fusion_bench.method.tsv_m import tsv_m
+from fusion_bench.method.iso_c import IsoC
+from fusion_bench.method.task_arithmetic import TaskArithmetic
+from fusion_bench.method.tsv_m import TsvM
 from fusion_bench.tensor_ops import parallel_map, polar_factor, top_singular_triplets
-from fusion_bench.testing import assert_state_dict_close
+from fusion_bench.testing import as_experts, assert_state_dict_close
 
 
 def make_state(seed: int, scale: float = 1.0) -> dict:
@@ -88,14 +88,15 @@ def test_spectral_helpers_match_torch_svd():
 def test_tsv_m_equals_dense_reference(pool):
     pre, fts = pool
     for alpha in (1.0, 0.4):
-        assert_state_dict_close(tsv_m(pre, fts, alpha), dense_tsv_m(pre, fts, alpha))
+        out = TsvM(scaling_factor=alpha).merge(pre, as_experts(fts))
+        assert_state_dict_close(out, dense_tsv_m(pre, fts, alpha))
 
 
 def test_tsv_m_single_expert_and_lambda_zero(pool):
     pre, fts = pool
-    assert_state_dict_close(tsv_m(pre, fts, 0.0), pre)
+    assert_state_dict_close(TsvM(scaling_factor=0.0).merge(pre, as_experts(fts)), pre)
     # one expert: k = r, its singular vectors are already orthogonal: Δ = τ exactly
-    assert_state_dict_close(tsv_m(pre, fts[:1], 1.0), fts[0])
+    assert_state_dict_close(TsvM(scaling_factor=1.0).merge(pre, as_experts(fts[:1])), fts[0])
 
 
 def test_tsv_m_on_disjoint_subspaces_is_task_arithmetic():
@@ -110,19 +111,23 @@ def test_tsv_m_on_disjoint_subspaces_is_task_arithmetic():
         s = torch.rand(4, generator=g, dtype=torch.float64) + 0.5
         tau = left[:, 4 * t : 4 * t + 4] @ torch.diag(s) @ right[:, 4 * t : 4 * t + 4].T
         experts.append({"w": pre["w"] + tau.float()})
-    assert_state_dict_close(tsv_m(pre, experts, 0.7), task_arithmetic(pre, experts, 0.7))
+    assert_state_dict_close(
+        TsvM(scaling_factor=0.7).merge(pre, as_experts(experts)),
+        TaskArithmetic(scaling_factor=0.7).merge(pre, as_experts(experts)),
+    )
 
 
 def test_iso_c_equals_dense_reference(pool):
     pre, fts = pool
     for alpha in (1.0, 1.5):
-        assert_state_dict_close(iso_c(pre, fts, alpha), dense_iso_c(pre, fts, alpha))
+        out = IsoC(scaling_factor=alpha).merge(pre, as_experts(fts))
+        assert_state_dict_close(out, dense_iso_c(pre, fts, alpha))
 
 
 def test_iso_c_flattens_the_spectrum_and_keeps_its_mean(pool):
     pre, fts = pool
-    assert_state_dict_close(iso_c(pre, fts, 0.0), pre)
-    out = iso_c(pre, fts, 1.0)
+    assert_state_dict_close(IsoC(scaling_factor=0.0).merge(pre, as_experts(fts)), pre)
+    out = IsoC(scaling_factor=1.0).merge(pre, as_experts(fts))
     total = sum(f["mlp.weight"] - pre["mlp.weight"] for f in fts)
     s_in = torch.linalg.svdvals(total)
     s_out = torch.linalg.svdvals(out["mlp.weight"] - pre["mlp.weight"])
@@ -130,27 +135,31 @@ def test_iso_c_flattens_the_spectrum_and_keeps_its_mean(pool):
     # a task matrix whose spectrum is already flat (a scaled orthogonal matrix) is unchanged
     q, _ = torch.linalg.qr(torch.randn(8, 8, generator=torch.Generator().manual_seed(1)))
     base = {"w": torch.zeros(8, 8)}
-    assert_state_dict_close(iso_c(base, [{"w": 0.3 * q}], 1.0), {"w": 0.3 * q})
+    flat = IsoC(scaling_factor=1.0).merge(base, as_experts([{"w": 0.3 * q}]))
+    assert_state_dict_close(flat, {"w": 0.3 * q})
 
 
 def test_average_keys_and_clear_errors(pool):
     pre, fts = pool
-    out = tsv_m(pre, fts, 1.0, average_keys=["*"])  # everything averaged: the simple average
+    averaged = TsvM(scaling_factor=1.0, average_keys=["*"])  # everything averaged
+    out = averaged.merge(pre, as_experts(fts))  # the simple average
     expected = {k: pre[k] + mean_tau(pre, fts, k) for k in pre if k != "pos_ids"}
     assert_state_dict_close(out, {**expected, "pos_ids": pre["pos_ids"]})
     many = [fts[0]] * 13  # r = 12 for attn.weight: ⌊12 / 13⌋ = 0 singular vectors per task
     with pytest.raises(FusionBenchError, match="average_keys"):
-        tsv_m(pre, many, 1.0)
+        TsvM(scaling_factor=1.0).merge(pre, as_experts(many))
 
 
 def test_parallel_decompositions_equal_sequential_and_restore_threads(pool):
     # the test suite runs torch on one thread (conftest), where parallel_map is a plain loop
     pre, fts = pool
-    sequential = tsv_m(pre, fts, 1.0), iso_c(pre, fts, 1.0)
+    experts = as_experts(fts)
+    methods = TsvM(scaling_factor=1.0), IsoC(scaling_factor=1.0)
+    sequential = [m.merge(pre, experts) for m in methods]
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        parallel = tsv_m(pre, fts, 1.0), iso_c(pre, fts, 1.0)
+        parallel = [m.merge(pre, experts) for m in methods]
         assert torch.get_num_threads() == 2
         assert parallel_map(lambda x: (x, torch.get_num_threads()), [1, 2, 3]) == [
             (1, 1),

@@ -27,18 +27,18 @@ def taskpool(tiny_datasets):
 
 
 def test_validation_is_carved_from_train_deterministically(taskpool):
-    val = taskpool.load_split("mnist", "validation")
+    val = taskpool.data.load_split("mnist", "validation", taskpool.max_samples_per_task)
     assert len(val) == 4  # 10% of 40 training images
-    again = taskpool.load_split("mnist", "validation")
+    again = taskpool.data.load_split("mnist", "validation", taskpool.max_samples_per_task)
     assert val["label"] == again["label"]
-    assert len(taskpool.load_split("mnist", "test")) == 24
+    assert len(taskpool.data.load_split("mnist", "test", taskpool.max_samples_per_task)) == 24
 
 
 def test_max_samples_is_a_seeded_subset(tiny_datasets):
     tp = CLIPClassificationTaskPool(
         tasks=["mnist"], datasets=tiny_datasets, max_samples_per_task=10
     )
-    ds = tp.load_split("mnist", "test")
+    ds = tp.data.load_split("mnist", "test", tp.max_samples_per_task)
     assert len(ds) == 10
     assert len(set(ds["label"])) > 1  # not just the first (class-sorted) rows
 
@@ -60,9 +60,9 @@ def test_head_cache_second_run_builds_none(pool, taskpool, monkeypatch, tmp_path
 def test_accuracy_matches_hand_computation(pool, taskpool):
     classifier = pool.classifier(pool.build_encoder())
     metrics = taskpool.evaluate(classifier)
-    ds = taskpool.load_split("eurosat", "test")
+    ds = taskpool.data.load_split("eurosat", "test", taskpool.max_samples_per_task)
     images = torch.stack([classifier.preprocess(im) for im in ds["image"]])
-    head = taskpool.zero_shot_head(classifier, "eurosat", torch.device("cpu"))
+    head = taskpool.data.zero_shot_head(classifier, "eurosat", torch.device("cpu"))
     with torch.no_grad():
         feats = classifier.encoder(images)
         logits = classifier.logit_scale * torch.nn.functional.normalize(feats, dim=-1) @ head
@@ -101,7 +101,7 @@ def test_bad_configuration():
 def test_missing_dataset_offline_is_clear(pool, tmp_path):
     tp = CLIPClassificationTaskPool(tasks=["dtd"], datasets={"dtd": str(tmp_path / "absent")})
     with pytest.raises(FusionBenchError, match="does not exist"):
-        tp.load_split("dtd", "test")
+        tp.data.load_split("dtd", "test", tp.max_samples_per_task)
     tp = CLIPClassificationTaskPool(tasks=["dtd"], datasets={"dtd": "someone/not-cached-xyz"})
     with pytest.raises(FusionBenchError, match="taskpool.datasets.dtd"):
-        tp.load_split("dtd", "test")
+        tp.data.load_split("dtd", "test", tp.max_samples_per_task)

@@ -28,10 +28,10 @@ def test_tiny8_pool_and_datasets_are_consistent():
     validate_pool(pool)  # 8 experts of the pretrained architecture, no NaN in headers' shapes
     taskpool = instantiate(cfg.taskpool, _convert_="all")
     for task in taskpool.tasks:
-        spec = taskpool.specs[task]
+        spec = taskpool.data.spec(task)
         sizes = {}
         for split in ("train", "validation", "test"):
-            ds = taskpool.load_split(task, split)
+            ds = taskpool.data.load_split(task, split, taskpool.max_samples_per_task)
             labels = set(ds[spec.label_column])
             assert labels <= set(range(spec.num_classes)), (task, split)
             sizes[split] = len(ds)

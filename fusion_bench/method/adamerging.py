@@ -5,7 +5,7 @@
 by minimising the Shannon entropy of the merged model's zero-shot predictions on *unlabeled* test
 batches of every task (summed over tasks), with Adam and λ projected onto [0, 1] after each step.
 AdaMerging++ (``ties_threshold``) first replaces the τ_i by their TIES-trimmed, sign-elected
-versions (``fusion_bench.method.ties_merging.ties_trim_and_elect``).
+versions (:func:`fusion_bench.method.ties_merging.ties_trim_and_elect`).
 
 Run: ``fusion_bench method=adamerging_layer_wise`` (or ``adamerging_task_wise``,
 ``adamerging_plusplus``); ``method.weights=<path>`` re-evaluates saved λ without adapting.
@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +29,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.tensor_ops import StateDict, expert_labels, expert_tensor, mergeable_keys
+from fusion_bench.method.base import Context, DataMerge, Experts, pool_experts
+from fusion_bench.method.ties_merging import ties_keep_rank
+from fusion_bench.taskpool.data import TaskData
+from fusion_bench.tensor_ops import StateDict, expert_tensor, mergeable_keys
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,19 +41,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # -- maths -----------------------------------------------------------------------------------
 def stack_task_vectors(
     pretrained: StateDict,
-    finetuned: Sequence[StateDict],
+    experts: Experts,
     keys: Sequence[str],
     dtype: torch.dtype = torch.float32,
-    names: Sequence[str] | None = None,
 ) -> dict[str, Tensor]:
     """key -> (N, *shape) stacked τ_i = θ_i − θ0, computed in float32 and stored in ``dtype``,
     one key at a time (lazy experts are read one tensor at a time)."""
-    names = expert_labels(finetuned, names)
     out = {}
     for key in keys:
         base = pretrained[key].float()
         out[key] = torch.stack(
-            [expert_tensor(e, key, base, n) - base for e, n in zip(finetuned, names, strict=True)]
+            [expert_tensor(e, key, base, n) - base for n, e in experts.items()]
         ).to(dtype)
     return out
 
@@ -108,113 +110,119 @@ class _Lambdas(nn.Module):
             return merge_with_lambdas(*self.merge_inputs, self.value)
 
 
-class AdaMerging:
-    def __init__(
-        self,
-        granularity: str = "layer",
-        init_value: float = 0.3,
-        lr: float = 1e-3,
-        max_steps: int = 1000,
-        batch_size: int = 16,
-        clamp: bool = True,
-        ties_threshold: float | None = None,
-        task_vector_dtype: str = "float32",
-        weights: str | None = None,
-        save_weights: str | None = None,
-        log_every: int = 10,
-        datasets: dict[str, str] | None = None,
-        num_workers: int = 0,
-        exclude_keys: list[str] | None = None,
-        fast_dev_run: bool = False,
-        seed: int = 0,
-    ):
-        if granularity not in ("task", "layer"):
-            raise FusionBenchError(
-                f"method.granularity is '{granularity}': use 'task' (one λ per expert) or 'layer' "
-                "(one λ per expert and parameter tensor)."
-            )
-        if task_vector_dtype not in DTYPES:
-            raise FusionBenchError(
-                f"method.task_vector_dtype is '{task_vector_dtype}'; use one of {list(DTYPES)}."
-            )
-        if ties_threshold is not None:
-            from fusion_bench.tensor_ops import ties_keep_rank
+@dataclass(frozen=True)
+class AdaMerging(DataMerge):
+    granularity: str = "layer"  # task: one λ per expert; layer: one per expert and tensor
+    init_value: float = 0.3  # the paper's prior (task arithmetic's usual λ)
+    lr: float = 1e-3  # Adam, betas (0.9, 0.999), as the paper
+    max_steps: int = 1000  # FusionBench's default (the paper: 500)
+    batch_size: int = 16  # unlabeled test images per task and step, as the paper
+    clamp: bool = True  # project λ onto [0, 1] after each step
+    ties_threshold: float | None = None  # a percentage (e.g. 20) = AdaMerging++
+    task_vector_dtype: str = "float32"  # bfloat16/float16 halve the N task vectors held
+    weights: str | None = None  # saved λ (.json/.safetensors): evaluate them, skip adaptation
+    # where learned λ go (.json + .safetensors); relative to the run's output directory
+    save_weights: str | None = "adamerging_weights"
+    log_every: int = 10  # steps between tta/* logs (loss, per-task entropy, λ stats)
+    exclude_keys: list[str] = field(default_factory=list)  # fnmatch patterns kept at θ0
+    seed: int = 42  # order of the test batches (42: the run's default seed)
+    # per step: tta/loss, tta/step_s, per-task entropy (filled by merge(); not a hyper-parameter)
+    history: list[dict[str, float]] = field(
+        default_factory=list, init=False, repr=False, compare=False
+    )
 
-            ties_keep_rank(1, ties_threshold)  # a percentage in [0, 100], checked before loading
-        self.granularity, self.init_value, self.lr = granularity, init_value, lr
-        self.max_steps = 1 if fast_dev_run else max_steps
-        self.batch_size, self.clamp, self.ties_threshold = batch_size, clamp, ties_threshold
-        self.dtype = DTYPES[task_vector_dtype]
-        self.weights, self.save_weights, self.log_every = weights, save_weights, log_every
-        self.datasets, self.num_workers = datasets, num_workers
-        self.exclude_keys = list(exclude_keys or [])
-        self.seed = seed
-        self.history: list[dict[str, float]] = []  # per step: tta/loss, per-task entropy
+    def __post_init__(self):
+        if self.granularity not in ("task", "layer"):
+            raise FusionBenchError(
+                f"method.granularity is '{self.granularity}': use 'task' (one λ per expert) or "
+                "'layer' (one λ per expert and parameter tensor)."
+            )
+        if self.task_vector_dtype not in DTYPES:
+            raise FusionBenchError(
+                f"method.task_vector_dtype is '{self.task_vector_dtype}'; use one of "
+                f"{list(DTYPES)}."
+            )
+        if self.ties_threshold is not None:
+            ties_keep_rank(1, self.ties_threshold)  # a percentage in [0, 100], checked early
 
-    def models_held(self, n: int) -> float:
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.task_vector_dtype]
+
+    def models_held(self, n_experts: int) -> float:
         """θ0 + N task vectors (in their dtype) + merged parameters and their gradient; AdaMerging++
         first holds the N float32 TIES task vectors and the elected signs."""
-        held = 3.0 + n * self.dtype.itemsize / 4
-        return max(held, 2.0 + n) if self.ties_threshold is not None else held
+        held = 3.0 + n_experts * self.dtype.itemsize / 4
+        return max(held, 2.0 + n_experts) if self.ties_threshold is not None else held
 
-    def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
+    def merge(self, pool, data: TaskData, context: Context) -> dict[str, Tensor]:
+        fabric = context.fabric
         if fabric is None:
             from lightning.fabric import Fabric
 
             fabric = Fabric(accelerator="cpu", devices=1, loggers=[])
-        names = list(modelpool.expert_names)
-        encoder = modelpool.build_encoder().to(fabric.device).requires_grad_(False)
+        names = list(pool.expert_names)
+        encoder = pool.build_encoder().to(fabric.device).requires_grad_(False)
         theta0 = encoder.state_dict()  # the module's own tensors: θ0 is not copied
         keys = list(mergeable_keys(theta0, self.exclude_keys))
         if self.weights:  # checked before any heavy work
             lambdas = load_lambdas(self.weights, names, keys, self.ties_threshold)
-        task_vectors = self._task_vectors(modelpool, names, keys, fabric.device)
+        task_vectors = self._task_vectors(pool, keys, fabric.device)
         shape = (len(names),) if self.granularity == "task" else (len(names), len(keys))
         if not self.weights:
-            lambdas = self._adapt(modelpool, encoder, theta0, task_vectors, names, fabric, shape)
-            if self.save_weights and fabric.is_global_zero:
-                save_lambdas(lambdas, self.save_weights, names, keys, self.ties_threshold)
+            steps = 1 if context.fast_dev_run else self.max_steps
+            lambdas = self._adapt(pool, data, encoder, theta0, task_vectors, fabric, shape, steps)
+            stem = self._save_stem(context)
+            if stem is not None and fabric.is_global_zero:
+                save_lambdas(lambdas, stem, names, keys, self.ties_threshold)
         with torch.no_grad():
             merged = merge_with_lambdas(theta0, task_vectors, lambdas.to(fabric.device))
         return {k: merged.get(k, theta0[k]).detach().float().cpu() for k in theta0}
 
-    def _task_vectors(self, modelpool, names, keys, device) -> dict[str, Tensor]:
-        pretrained, experts = modelpool.pretrained(), [modelpool.expert(n) for n in names]
+    def _save_stem(self, context: Context) -> str | None:
+        if not self.save_weights:
+            return None
+        path = Path(self.save_weights).expanduser()
+        if path.is_absolute():
+            return str(path)
+        if context.output_dir is None:
+            log.info("learned λ not saved: no output directory (give an absolute save_weights)")
+            return None
+        return str(Path(context.output_dir) / path)
+
+    def _task_vectors(self, pool, keys, device) -> dict[str, Tensor]:
+        pretrained, experts = pool.pretrained(), pool_experts(pool)
         if self.ties_threshold is None:
-            tvs = stack_task_vectors(pretrained, experts, keys, self.dtype, names)
+            tvs = stack_task_vectors(pretrained, experts, keys, self.dtype)
             return {k: v.to(device) for k, v in tvs.items()}
         from fusion_bench.method.ties_merging import ties_trim_and_elect
 
-        trimmed = ties_trim_and_elect(
-            pretrained, experts, self.ties_threshold, names, self.exclude_keys
-        )
+        trimmed = ties_trim_and_elect(pretrained, experts, self.ties_threshold, self.exclude_keys)
         out = {}
         for key in keys:  # pop as we go: the float32 TIES vectors are freed key by key
             out[key] = torch.stack([tv.pop(key).float() for tv in trimmed]).to(device, self.dtype)
         return out
 
-    def _adapt(self, modelpool, encoder, theta0, task_vectors, names, fabric, shape) -> Tensor:
+    def _adapt(
+        self, pool, data: TaskData, encoder, theta0, task_vectors, fabric, shape, steps: int
+    ) -> Tensor:
         from tqdm.auto import tqdm
 
-        from fusion_bench.taskpool.clip_classification import CLIPClassificationTaskPool
-
-        classifier = modelpool.classifier(encoder)
-        data = CLIPClassificationTaskPool(
-            tasks=names,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            datasets=self.datasets,
-            seed=self.seed,
-        )
+        names = list(pool.expert_names)
+        classifier = pool.classifier(encoder)
         heads = {t: data.zero_shot_head(classifier, t, fabric.device) for t in names}  # frozen
         seed = self.seed + 1000 * fabric.global_rank  # each rank sees its own batches
-        batches = {t: unlabeled_batches(data, t, classifier.preprocess, seed) for t in names}
+        batches = {
+            t: unlabeled_batches(data, t, classifier.preprocess, self.batch_size, seed)
+            for t in names
+        }
 
         module = _Lambdas(torch.full(shape, float(self.init_value)), theta0, task_vectors)
         optimizer = torch.optim.Adam(module.parameters(), lr=self.lr, betas=(0.9, 0.999))
         module, optimizer = fabric.setup_module(module), fabric.setup_optimizers(optimizer)
         lambdas = next(module.parameters())  # the λ tensor itself (after any device move)
-        bar = tqdm(range(self.max_steps), desc="adamerging", unit="step")
+        self.history.clear()  # this run's steps only
+        bar = tqdm(range(steps), desc="adamerging", unit="step")
         for step in bar:
             start = time.perf_counter()
             params = module()  # θ(λ) with the autograd graph back to λ
@@ -238,7 +246,7 @@ class AdaMerging:
             del params, model, losses, loss  # or the next step's merge would coexist with these
             self.history.append(record)
             bar.set_postfix(loss=f"{record['tta/loss']:.4f}")
-            if step % self.log_every == 0 or step == self.max_steps - 1:
+            if step % self.log_every == 0 or step == steps - 1:
                 lam = lambdas.detach()
                 record |= {
                     "tta/lambda_mean": lam.mean().item(),
@@ -249,14 +257,14 @@ class AdaMerging:
         return lambdas.detach().float().cpu()
 
 
-def unlabeled_batches(data, task: str, preprocess, seed: int) -> Iterator[Tensor]:
+def unlabeled_batches(
+    data: TaskData, task: str, preprocess, batch_size: int, seed: int
+) -> Iterator[Tensor]:
     """Endless image batches of ``task``'s test split, reshuffled each pass (seed + pass)."""
     ds = data.load_split(task, "test")
-    spec = data.specs[task]
     for epoch in itertools.count():
-        for images, _labels in data.loader(
-            ds.shuffle(seed=seed + epoch, keep_in_memory=True), spec, preprocess
-        ):
+        shuffled = ds.shuffle(seed=seed + epoch, keep_in_memory=True)
+        for images, _labels in data.loader(shuffled, task, preprocess, batch_size):
             yield images
 
 

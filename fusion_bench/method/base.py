@@ -1,35 +1,270 @@
-"""The method interface: ``run(modelpool, fabric) -> result``.
+"""The method contract: a method is declared once, as a frozen dataclass of its hyper-parameters
+(the constructor signature is the schema a YAML binds to), and is of exactly one **kind**. The kind
+says what the method is given and what it returns; the runner and the Python API choose what to
+do from ``method.kind``, never from the type of a result.
 
-A result is one of:
-- a merged state dict of the image tower (``Mapping[str, Tensor]``, canonical keys);
-- an image tower module (``torch.nn.Module``), e.g. after test-time adaptation;
-- :class:`PerTask`: one of the above per task (each expert on its own task, task-routed methods).
+| kind          | base class        | entry point                                        | returns                |
+|---------------|-------------------|----------------------------------------------------|------------------------|
+| ``merge``     | StateDictMerge    | ``merge(pretrained, experts, progress)``           | merged state dict      |
+| ``data_merge``| DataMerge         | ``merge(pool, data, context)``                     | merged state dict      |
+| ``sequential``| SequentialMerge   | ``start(pretrained)``, ``absorb(state, name, expert)``, ``merged(state)`` | merged state dict after each expert |
+| ``per_task``  | PerTaskMethod     | ``models(pool)``                                   | {task: state dict}     |
+| ``routed``    | RoutedMethod      | ``build(pool, data, context)``                     | :class:`RoutedModel`   |
+| ``ensemble``  | EnsembleMethod    | ``combiner(names)``                                | logits combiner        |
 
-The runner turns a result into classifiers with the model pool; methods never evaluate.
+- ``pretrained`` and every expert are ``Mapping[str, Tensor]`` in the pool's canonical key layout,
+  usually read lazily tensor by tensor; ``experts`` maps expert name -> state dict, in pool order.
+- ``data`` is the run's :class:`~fusion_bench.taskpool.data.TaskData` (splits, seeded samples,
+  loaders, zero-shot heads), built once by the runner from the task pool.
+- ``context`` (:class:`Context`) carries the device (Fabric), the run's output directory and the
+  fast-dev-run switch; methods never read the run configuration.
+- ``models_held(n_experts)``: the method's peak memory in image towers (fp32) besides the evaluated
+  model, for ``dry_run``'s estimate and the docs.
+
+The kinds are base classes with defaults (one level of inheritance: a method class derives from
+exactly one of them). See ``docs/add_a_method.md``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol, runtime_checkable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Literal, TypeVar
+
+from torch import Tensor, nn
+
+from fusion_bench.errors import FusionBenchError
+from fusion_bench.tensor_ops import StateDict
+
+if TYPE_CHECKING:
+    from fusion_bench.taskpool.data import TaskData
+
+Kind = Literal["merge", "data_merge", "sequential", "per_task", "routed", "ensemble"]
+STATE_DICT_KINDS: tuple[Kind, ...] = ("merge", "data_merge", "sequential")
+
+Experts = Mapping[str, StateDict]  # expert name -> (lazy) state dict, in the pool's order
+Progress = Callable[[Iterable[str]], Iterable[str]] | None
+State = TypeVar("State")
 
 
-class PerTask(dict):
-    """task name -> state dict or image tower: evaluate each task with its own model."""
+@dataclass(frozen=True)
+class Context:
+    """What a run gives a method besides the pool and the data."""
+
+    fabric: Any = None  # lightning.fabric.Fabric; None = one CPU process
+    output_dir: Path | None = None  # where a method may write its own artefacts (e.g. learned λ)
+    fast_dev_run: bool = False  # one step / one batch: a smoke test of the job
+
+    @property
+    def device(self):
+        import torch
+
+        return self.fabric.device if self.fabric is not None else torch.device("cpu")
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.fabric is None or self.fabric.is_global_zero
 
 
-@runtime_checkable
-class Method(Protocol):
-    def run(self, modelpool: Any, fabric: Any = None) -> Any: ...
+# -- the kinds -----------------------------------------------------------------------------------
+class StateDictMerge:
+    """Data-free merge of state dicts. Streams key by key where the algorithm allows."""
+
+    kind: ClassVar[Kind] = "merge"
+
+    def merge(
+        self, pretrained: StateDict, experts: Experts, progress: Progress = None
+    ) -> StateDict:
+        raise NotImplementedError
+
+    def models_held(self, n_experts: int) -> float:
+        return 1.0  # the output; per-key temporaries are negligible
 
 
-def merge_pool(merge: Callable[..., Any], modelpool: Any, desc: str, *hyperparameters: Any) -> Any:
-    """``merge(pretrained, experts, *hyperparameters, names, progress)`` on a model pool: what the
-    ``run()`` of every data-free method does. The checkpoints are opened lazily (tensors are read
-    key by key inside ``merge``); ``progress`` is a bar over the state-dict keys named ``desc``."""
-    names = modelpool.expert_names
-    experts = [modelpool.expert(n) for n in names]
-    return merge(modelpool.pretrained(), experts, *hyperparameters, names, key_progress(desc))
+class DataMerge:
+    """A merge that uses task data (calibration statistics, test-time adaptation)."""
+
+    kind: ClassVar[Kind] = "data_merge"
+
+    def merge(self, pool: Any, data: TaskData, context: Context) -> StateDict:
+        raise NotImplementedError
+
+    def models_held(self, n_experts: int) -> float:
+        raise NotImplementedError
+
+
+class SequentialMerge(Generic[State]):
+    """Experts arrive one at a time and are absorbed into a running state; the merged model is
+    available after every step (continual merging). The default memory is θ0 + the merged
+    model + one expert, whatever the number of experts."""
+
+    kind: ClassVar[Kind] = "sequential"
+
+    def start(self, pretrained: StateDict) -> State:
+        raise NotImplementedError
+
+    def absorb(self, state: State, name: str, expert: StateDict) -> State:
+        raise NotImplementedError
+
+    def merged(self, state: State) -> StateDict:
+        raise NotImplementedError
+
+    def models_held(self, n_experts: int) -> float:
+        return 2.0
+
+
+class PerTaskMethod:
+    """One model per task (the task id picks the model at inference)."""
+
+    kind: ClassVar[Kind] = "per_task"
+
+    def models(self, pool: Any) -> Mapping[str, StateDict]:
+        raise NotImplementedError
+
+    def models_held(self, n_experts: int) -> float:
+        return 0.0  # the evaluator builds each task's model when it reaches that task
+
+
+class RoutedModel(nn.Module):
+    """An image tower whose forward picks or mixes experts per input: ``forward(images (B, 3, H,
+    W)) -> features (B, D)`` in the joint image-text space (what the pool's zero-shot heads
+    expect). ``stored_parameters()`` is what it keeps, for the storage factor in reports."""
+
+    def stored_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters()) + sum(b.numel() for b in self.buffers())
+
+
+class RoutedMethod:
+    """Builds a :class:`RoutedModel` from the pool (and task data, for trained routers)."""
+
+    kind: ClassVar[Kind] = "routed"
+
+    def build(self, pool: Any, data: TaskData, context: Context) -> RoutedModel:
+        raise NotImplementedError
+
+    def models_held(self, n_experts: int) -> float:
+        raise NotImplementedError
+
+
+class EnsembleMethod:
+    """Not a merge: all experts run on every image and their logits are combined."""
+
+    kind: ClassVar[Kind] = "ensemble"
+
+    def combiner(self, names: Sequence[str]) -> Callable[[Tensor], Tensor]:
+        """``(N, B, C) logits -> (B, C)`` for the experts ``names`` (validates per-expert
+        options before any model is built)."""
+        raise NotImplementedError
+
+    def models_held(self, n_experts: int) -> float:
+        return float(n_experts)
+
+
+Method = (
+    StateDictMerge | DataMerge | SequentialMerge | PerTaskMethod | RoutedMethod | EnsembleMethod
+)
+
+
+# -- running the state-dict kinds ------------------------------------------------------------------
+def pool_experts(pool: Any) -> dict[str, StateDict]:
+    """The pool's experts as {name: lazy state dict}, in the pool's order."""
+    return {name: pool.expert(name) for name in pool.expert_names}
+
+
+def merge_sequentially(
+    method: SequentialMerge, pretrained: StateDict, experts: Experts
+) -> Iterator[tuple[str, StateDict]]:
+    """Feed ``experts`` to ``method`` one at a time; yield ``(name, merged model)`` after each."""
+    state = method.start(pretrained)
+    for name, expert in experts.items():
+        state = method.absorb(state, name, expert)
+        yield name, method.merged(state)
+
+
+def merged_state_dict(
+    method: Method, pool: Any, data: TaskData | None, context: Context, label: str
+) -> StateDict:
+    """The one merged model of a ``merge``, ``data_merge`` or ``sequential`` method."""
+    if method.kind == "merge":
+        return method.merge(pool.pretrained(), pool_experts(pool), key_progress(label))
+    if method.kind == "data_merge":
+        return method.merge(pool, data, context)
+    if method.kind == "sequential":
+        last = deque(merge_sequentially(method, pool.pretrained(), pool_experts(pool)), maxlen=1)
+        if not last:
+            raise FusionBenchError("A sequential merge needs at least one expert in the pool.")
+        return last[0][1]
+    raise FusionBenchError(
+        f"Method '{label}' is of kind '{method.kind}': it gives "
+        f"{KIND_GIVES[method.kind]}, not one merged model."
+    )
+
+
+def build_classifiers(
+    method: Method, pool: Any, data: TaskData | None, context: Context, label: str
+) -> tuple[Any, StateDict | None]:
+    """Run ``method`` by its kind: ``(what the evaluator classifies with, the merged state dict or
+    None)``. The first is one ``ZeroShotClassifier`` for every task, or a mapping task ->
+    classifier (per-task kinds; each built when the evaluator reaches its task)."""
+    import dataclasses
+
+    if method.kind in STATE_DICT_KINDS:
+        state = merged_state_dict(method, pool, data, context, label)
+        check_finite(state)
+        return pool.classifier(pool.build_encoder(state)), state
+    if method.kind == "per_task":
+        return PerTaskClassifiers(pool, method.models(pool)), None
+    if method.kind == "routed":
+        routed = method.build(pool, data, context)
+        return dataclasses.replace(pool.classifier(routed), features=_call), None
+    if method.kind == "ensemble":
+        from fusion_bench.method.ensemble import ensemble_classifier
+
+        return ensemble_classifier(pool, method.combiner(list(pool.expert_names))), None
+    raise FusionBenchError(f"{type(method).__name__} has an unknown kind {method.kind!r}.")
+
+
+def _call(module: nn.Module, images: Tensor) -> Tensor:
+    return module(images)
+
+
+class PerTaskClassifiers(Mapping):
+    """task -> classifier, each built from its state dict when first asked for (so evaluating
+    per-task models holds one at a time)."""
+
+    def __init__(self, pool: Any, models: Mapping[str, StateDict]):
+        self.pool, self.models = pool, models
+
+    def __getitem__(self, task: str):
+        state = self.models[task]
+        return self.pool.classifier(self.pool.build_encoder(state))
+
+    def __iter__(self):
+        return iter(self.models)
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+
+def check_finite(state_dict: StateDict) -> None:
+    """A merge that overflowed must not be evaluated or saved as if it were a model."""
+    for key in state_dict:
+        value = state_dict[key]
+        if value.is_floating_point() and not value.isfinite().all():
+            raise FusionBenchError(
+                f"The merged model has NaN/Inf in '{key}'. The method's hyper-parameters "
+                "overflowed (e.g. a huge scaling factor), or an input checkpoint holds NaN/Inf; "
+                "nothing was evaluated or saved."
+            )
+
+
+KIND_GIVES = {
+    "per_task": "one model per task",
+    "routed": "a routed model that picks its experts per input",
+    "ensemble": "an output ensemble of all experts",
+}
 
 
 def key_progress(desc: str) -> Callable[[Iterable[str]], Iterable[str]]:
@@ -38,3 +273,16 @@ def key_progress(desc: str) -> Callable[[Iterable[str]], Iterable[str]]:
     from tqdm.auto import tqdm
 
     return lambda keys: tqdm(keys, desc=desc, unit="tensor", leave=False)
+
+
+def per_expert(value: float | Sequence[float], names: Sequence[str], option: str) -> list[float]:
+    """One float per expert from a scalar or a list in the pool's order (e.g. ``scaling_factor``)."""
+    if isinstance(value, (int, float)):
+        return [float(value)] * len(names)
+    values = [float(v) for v in value]
+    if len(values) != len(names):
+        raise FusionBenchError(
+            f"{option} has {len(values)} values for {len(names)} experts {list(names)}: give one "
+            "value, or one per expert in the pool's order."
+        )
+    return values

@@ -17,59 +17,79 @@ Run: ``fusion_bench method=dare method.base=ties_merging method.sparsity_ratio=0
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import merge_pool
-from fusion_bench.method.simple_average import simple_average
-from fusion_bench.method.task_arithmetic import task_arithmetic
-from fusion_bench.method.ties_merging import ties_merging
-from fusion_bench.tensor_ops import (
-    StateDict,
-    dare_drop,
-    expert_labels,
-    expert_tensor,
-    is_excluded,
-    key_seed,
-)
+from fusion_bench.method.base import Experts, Progress, StateDictMerge
+from fusion_bench.method.simple_average import SimpleAverage
+from fusion_bench.method.task_arithmetic import TaskArithmetic
+from fusion_bench.method.ties_merging import TiesMerging
+from fusion_bench.tensor_ops import StateDict, expert_tensor, is_excluded
 
 BASES = ("simple_average", "task_arithmetic", "ties_merging")
+
+
+@dataclass(frozen=True)
+class Dare(StateDictMerge):
+    base: str = "task_arithmetic"  # simple_average | task_arithmetic | ties_merging
+    sparsity_ratio: float = 0.5  # p, the drop probability (FusionBench's default)
+    rescale: bool = True  # divide the kept entries by 1 − p (keeps E[τ])
+    seed: int = 0  # drop masks are drawn per (seed, expert, key): reproducible, order-free
+    # the base method's hyper-parameters (threshold and merge_func: ties_merging only)
+    scaling_factor: float | list[float] = 0.3
+    threshold: float = 20
+    merge_func: str = "sum"
+    exclude_keys: list[str] = field(default_factory=list)  # fnmatch patterns kept at θ0
+
+    def __post_init__(self):
+        if self.base not in BASES:
+            raise FusionBenchError(
+                f"DARE base '{self.base}' is not one of {list(BASES)}: set method.base to the "
+                "merge DARE is applied in front of."
+            )
+        check_sparsity(self.sparsity_ratio)
+        self.base_method()  # the base's own checks (merge_func, threshold), before any loading
+
+    def base_method(self) -> StateDictMerge:
+        if self.base == "simple_average":
+            return SimpleAverage(exclude_keys=self.exclude_keys)
+        if self.base == "task_arithmetic":
+            return TaskArithmetic(self.scaling_factor, self.exclude_keys)
+        return TiesMerging(self.scaling_factor, self.threshold, self.merge_func, self.exclude_keys)
+
+    def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
+        dropped = {
+            name: DroppedExpert(pretrained, expert, index, self, name)
+            for index, (name, expert) in enumerate(experts.items())
+        }
+        return self.base_method().merge(pretrained, dropped, progress)
 
 
 class DroppedExpert(Mapping[str, Tensor]):
     """Lazy view of θ0 + drop(θ − θ0): same keys as the expert; non-floating and excluded keys
     pass through unchanged (the base method copies them from θ0 anyway)."""
 
-    def __init__(
-        self,
-        pretrained: StateDict,
-        expert: StateDict,
-        index: int,
-        seed: int,
-        sparsity_ratio: float,
-        rescale: bool,
-        exclude_keys: Sequence[str] = (),
-        name: str = "expert",
-    ):
-        self.pretrained, self.expert, self.index, self.seed = pretrained, expert, index, seed
-        self.sparsity_ratio, self.rescale = sparsity_ratio, rescale
-        self.exclude_keys, self.name = list(exclude_keys), name
+    def __init__(self, pretrained: StateDict, expert: StateDict, index: int, dare: Dare, name: str):
+        self.pretrained, self.expert, self.name = pretrained, expert, name
+        self.index, self.dare = index, dare
 
     def __getitem__(self, key: str) -> Tensor:
-        base = self.pretrained[key]
+        base, p = self.pretrained[key], self.dare.sparsity_ratio
         if (
             not base.is_floating_point()
-            or is_excluded(key, self.exclude_keys)
-            or self.sparsity_ratio == 0.0  # nothing dropped, scale 1: the expert itself, exactly
+            or is_excluded(key, self.dare.exclude_keys)
+            or p == 0.0  # nothing dropped, scale 1: the expert itself, exactly
         ):
             return self.expert[key]
         base = base.to(torch.float32)
         tau = expert_tensor(self.expert, key, base, self.name) - base
-        generator = torch.Generator().manual_seed(key_seed(self.seed, self.index, key))
-        return base + dare_drop(tau, self.sparsity_ratio, self.rescale, generator)
+        generator = torch.Generator().manual_seed(key_seed(self.dare.seed, self.index, key))
+        return base + dare_drop(tau, p, self.dare.rescale, generator)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.expert)
@@ -81,82 +101,27 @@ class DroppedExpert(Mapping[str, Tensor]):
         return key in self.expert
 
 
-def dare(
-    pretrained: StateDict,
-    finetuned: Sequence[StateDict],
-    base: str = "task_arithmetic",
-    sparsity_ratio: float = 0.5,
-    rescale: bool = True,
-    seed: int = 0,
-    scaling_factor: float | Sequence[float] = 0.3,
-    threshold: float = 20,
-    merge_func: str = "sum",
-    exclude_keys: Sequence[str] = (),
-    names: Sequence[str] | None = None,
-    progress=None,
-) -> dict[str, Tensor]:
-    check_base(base)
-    dare_drop(torch.zeros(0), sparsity_ratio, rescale, torch.Generator())  # validates p early
-    names = expert_labels(finetuned, names)
-    dropped = [
-        DroppedExpert(pretrained, e, i, seed, sparsity_ratio, rescale, exclude_keys, n)
-        for i, (e, n) in enumerate(zip(finetuned, names, strict=True))
-    ]
-    if base == "simple_average":
-        return simple_average(pretrained, dropped, exclude_keys, names, progress)
-    if base == "task_arithmetic":
-        return task_arithmetic(pretrained, dropped, scaling_factor, exclude_keys, names, progress)
-    return ties_merging(
-        pretrained, dropped, scaling_factor, threshold, merge_func, exclude_keys, names, progress
-    )
-
-
-def check_base(base: str) -> None:
-    if base not in BASES:
+def check_sparsity(sparsity_ratio: float) -> None:
+    if not 0.0 <= sparsity_ratio < 1.0:
         raise FusionBenchError(
-            f"DARE base '{base}' is not one of {list(BASES)}: set method.base to the merge DARE "
-            "is applied in front of."
+            f"sparsity_ratio {sparsity_ratio} must be in [0, 1): it is the probability of "
+            "dropping a task-vector entry (DARE's default is 0.5)."
         )
 
 
-class Dare:
-    models_held = 1.0  # as the base method: the output; dropped tensors are regenerated per read
+def key_seed(seed: int, index: int, key: str) -> int:
+    """A 63-bit seed for (run seed, expert index, state-dict key): random draws per key do not
+    depend on the order keys are visited in, so several passes regenerate the same draws."""
+    digest = hashlib.blake2b(f"{seed}\x1f{index}\x1f{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
-    def __init__(
-        self,
-        base: str = "task_arithmetic",
-        sparsity_ratio: float = 0.5,
-        rescale: bool = True,
-        seed: int = 0,
-        scaling_factor: float | list[float] = 0.3,
-        threshold: float = 20,
-        merge_func: str = "sum",
-        exclude_keys: list[str] | None = None,
-    ):
-        check_base(base)
-        self.base = base
-        self.sparsity_ratio = sparsity_ratio
-        self.rescale = rescale
-        self.seed = seed
-        self.scaling_factor = scaling_factor
-        self.threshold = threshold
-        self.merge_func = merge_func
-        self.exclude_keys = list(exclude_keys or [])
 
-    def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        scaling = self.scaling_factor
-        if not isinstance(scaling, (int, float)):
-            scaling = list(scaling)
-        return merge_pool(
-            dare,
-            modelpool,
-            f"dare+{self.base}",
-            self.base,
-            self.sparsity_ratio,
-            self.rescale,
-            self.seed,
-            scaling,
-            self.threshold,
-            self.merge_func,
-            self.exclude_keys,
-        )
+def dare_drop(
+    tau: Tensor, sparsity_ratio: float, rescale: bool, generator: torch.Generator
+) -> Tensor:
+    """DARE: drop each entry with probability p and, with ``rescale``, divide the rest by 1 − p
+    (which keeps the expectation equal to τ)."""
+    check_sparsity(sparsity_ratio)
+    keep = torch.rand(tau.shape, generator=generator) >= sparsity_ratio
+    dropped = tau * keep
+    return dropped / (1.0 - sparsity_ratio) if rescale else dropped

@@ -23,75 +23,122 @@ Memory: running Σ c(F+ε)θ and Σ c(F+ε) (2 P), one expert's Fisher (1 P), it
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import key_progress
-from fusion_bench.method.calibration import CalibrationData, device_of
-from fusion_bench.tensor_ops import (
-    StateDict,
-    expert_labels,
-    expert_tensor,
-    map_keys,
-    mergeable_keys,
+from fusion_bench.method.base import (
+    Context,
+    DataMerge,
+    Experts,
+    Progress,
+    key_progress,
+    pool_experts,
 )
+from fusion_bench.taskpool.data import TaskData, check_sample_size
+from fusion_bench.tensor_ops import StateDict, expert_tensor, map_keys, mergeable_keys
 
 
-# -- the maths ----------------------------------------------------------------------------------
-def fisher_merging(
-    pretrained: StateDict,
-    finetuned: Sequence[StateDict],
-    fishers: Iterable[Mapping[str, Tensor]],
-    normalize_fisher_weight: bool = True,
-    minimal_fisher_weight: float = 1e-6,
-    exclude_keys: Sequence[str] = (),
-    names: Sequence[str] | None = None,
-    progress=None,
-) -> dict[str, Tensor]:
-    """Fisher-weighted average over state dicts.
+@dataclass(frozen=True)
+class FisherMerging(DataMerge):
+    num_fisher_examples: int = 256  # training images per task (FusionBench: 256)
+    normalize_fisher_weight: bool = True  # weight expert i by 1/‖F_i‖₂
+    minimal_fisher_weight: float = 1e-6  # ε added to every Fisher entry
+    batch_size: int = 32  # the estimator squares per-batch gradients: it depends on this
+    exclude_keys: list[str] = field(default_factory=list)  # fnmatch patterns kept at θ0
+    seed: int = 0  # which training images
 
-    ``fishers`` yields each expert's diagonal Fisher ``{key: tensor like the parameter}`` in
-    order; it is consumed one expert at a time and only the two running sums are kept. A merged
-    key without a Fisher entry counts as F = 0 (its weight is then ε·c_i).
-    """
-    names = expert_labels(finetuned, names)
-    keys = list(mergeable_keys(pretrained, exclude_keys))
-    eps = float(minimal_fisher_weight)
-    numerator: dict[str, Tensor] = {}
-    denominator: dict[str, Tensor] = {}
-    count = 0
-    for expert, fisher, name in zip(finetuned, fishers, names, strict=True):
-        coefficient = 1.0
-        if normalize_fisher_weight:
-            sq = sum(float(fisher[k].double().square().sum()) for k in keys if k in fisher)
-            coefficient = 1.0 / (math.sqrt(sq) + eps)
-        for key in keys:
-            base = pretrained[key]
-            theta = expert_tensor(expert, key, base, name)
-            f = fisher[key].float().cpu() if key in fisher else torch.zeros(base.shape)
-            if f.shape != theta.shape:
-                raise FusionBenchError(
-                    f"Fisher of '{key}' for expert '{name}' has shape {tuple(f.shape)}, the "
-                    f"parameter {tuple(theta.shape)}."
+    def __post_init__(self):
+        check_sample_size(self.num_fisher_examples, self.batch_size)
+
+    def merge(self, pool, data: TaskData, context: Context) -> dict[str, Tensor]:
+        fishers = self.expert_fishers(pool, data, context.device)
+        return self.fisher_average(
+            pool.pretrained(), pool_experts(pool), fishers, key_progress("fisher_merging")
+        )
+
+    def models_held(self, n_experts: int) -> float:
+        return 5.0  # two running sums + one Fisher + the expert's encoder and its gradients
+
+    # -- the maths -------------------------------------------------------------------------------
+    def fisher_average(
+        self,
+        pretrained: StateDict,
+        experts: Experts,
+        fishers: Iterable[Mapping[str, Tensor]],
+        progress: Progress = None,
+    ) -> dict[str, Tensor]:
+        """Fisher-weighted average over state dicts.
+
+        ``fishers`` yields each expert's diagonal Fisher ``{key: tensor like the parameter}`` in
+        order; it is consumed one expert at a time and only the two running sums are kept. A
+        merged key without a Fisher entry counts as F = 0 (its weight is then ε·c_i).
+        """
+        keys = list(mergeable_keys(pretrained, self.exclude_keys))
+        eps = float(self.minimal_fisher_weight)
+        numerator: dict[str, Tensor] = {}
+        denominator: dict[str, Tensor] = {}
+        count = 0
+        for (name, expert), fisher in zip(experts.items(), fishers, strict=True):
+            coefficient = 1.0
+            if self.normalize_fisher_weight:
+                sq = sum(float(fisher[k].double().square().sum()) for k in keys if k in fisher)
+                coefficient = 1.0 / (math.sqrt(sq) + eps)
+            for key in keys:
+                base = pretrained[key]
+                theta = expert_tensor(expert, key, base, name)
+                f = fisher[key].float().cpu() if key in fisher else torch.zeros(base.shape)
+                if f.shape != theta.shape:
+                    raise FusionBenchError(
+                        f"Fisher of '{key}' for expert '{name}' has shape {tuple(f.shape)}, the "
+                        f"parameter {tuple(theta.shape)}."
+                    )
+                weight = coefficient * (f + eps)
+                if key in numerator:
+                    numerator[key] += weight * theta
+                    denominator[key] += weight
+                else:
+                    numerator[key], denominator[key] = weight * theta, weight
+            count += 1
+        if count == 0:
+            raise FusionBenchError("Fisher merging needs at least one expert.")
+        return map_keys(
+            pretrained,
+            lambda key, _base: numerator.pop(key) / denominator.pop(key),
+            self.exclude_keys,
+            progress,
+        )
+
+    # -- the statistic, per expert ---------------------------------------------------------------
+    def expert_fishers(self, pool, data: TaskData, device) -> Iterator[dict[str, Tensor]]:
+        """Each expert's Fisher on its own task's training images, computed when asked for."""
+        from tqdm.auto import tqdm
+
+        for name in tqdm(pool.expert_names, desc="Fisher information", unit="expert", leave=False):
+            encoder = pool.build_encoder(pool.expert(name)).to(device).eval()
+            encoder.requires_grad_(True)
+            classifier = pool.classifier(encoder)
+            head = data.zero_shot_head(classifier, name, device)  # (D, C), frozen
+            images = data.images(
+                name,
+                "train",
+                classifier.preprocess,
+                self.num_fisher_examples,
+                self.batch_size,
+                self.seed,
+            )
+            with torch.enable_grad():
+                fisher = diagonal_fisher(
+                    encoder,
+                    lambda x, c=classifier, h=head: c.logits(x, h),
+                    images,
+                    device,
                 )
-            weight = coefficient * (f + eps)
-            if key in numerator:
-                numerator[key] += weight * theta
-                denominator[key] += weight
-            else:
-                numerator[key], denominator[key] = weight * theta, weight
-        count += 1
-    if count == 0:
-        raise FusionBenchError("Fisher merging needs at least one expert.")
-    return map_keys(
-        pretrained,
-        lambda key, _base: numerator.pop(key) / denominator.pop(key),
-        exclude_keys,
-        progress,
-    )
+            del encoder, classifier
+            yield fisher
 
 
 # -- the statistic ------------------------------------------------------------------------------
@@ -118,61 +165,3 @@ def diagonal_fisher(
     if n_images == 0:
         raise FusionBenchError("No calibration images: the Fisher needs at least one batch.")
     return {k: f / n_images for k, f in fisher.items()}
-
-
-def expert_fishers(modelpool, names: Sequence[str], data: CalibrationData, device):
-    """Each expert's Fisher on its own task's training images, computed when asked for."""
-    from tqdm.auto import tqdm
-
-    for name in tqdm(names, desc="Fisher information", unit="expert", leave=False):
-        encoder = modelpool.build_encoder(modelpool.expert(name)).to(device).eval()
-        encoder.requires_grad_(True)
-        classifier = modelpool.classifier(encoder)
-        head = data.head(classifier, name, device)  # (D, C), frozen
-        with torch.enable_grad():
-            fisher = diagonal_fisher(
-                encoder,
-                lambda images, c=classifier, h=head: c.logits(images, h),
-                data.batches(name, classifier.preprocess),
-                device,
-            )
-        del encoder, classifier
-        yield fisher
-
-
-class FisherMerging:
-    models_held = 5.0  # two running sums + one Fisher + the expert's encoder and its gradients
-
-    def __init__(
-        self,
-        num_fisher_examples: int = 256,
-        normalize_fisher_weight: bool = True,
-        minimal_fisher_weight: float = 1e-6,
-        batch_size: int = 32,
-        exclude_keys: list[str] | None = None,
-        datasets: dict[str, str] | None = None,
-        seed: int = 0,
-    ):
-        self.num_fisher_examples = num_fisher_examples
-        self.normalize_fisher_weight = normalize_fisher_weight
-        self.minimal_fisher_weight = minimal_fisher_weight
-        self.batch_size = batch_size
-        self.exclude_keys = list(exclude_keys or [])
-        self.datasets = datasets
-        self.seed = seed
-
-    def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        names = modelpool.expert_names
-        data = CalibrationData(
-            names, self.num_fisher_examples, self.batch_size, self.datasets, self.seed
-        )
-        return fisher_merging(
-            modelpool.pretrained(),
-            [modelpool.expert(n) for n in names],
-            expert_fishers(modelpool, names, data, device_of(fabric)),
-            self.normalize_fisher_weight,
-            self.minimal_fisher_weight,
-            self.exclude_keys,
-            names,
-            key_progress("fisher_merging"),
-        )

@@ -6,11 +6,12 @@ Memory: one expert at a time (the evaluator builds each task's model when it rea
 
 from __future__ import annotations
 
-from fusion_bench.method.base import PerTask
+from dataclasses import dataclass
+
+from fusion_bench.method.base import PerTaskMethod, pool_experts
 
 
-class Individual:
-    models_held = 0.0
-
-    def run(self, modelpool, fabric=None) -> PerTask:
-        return PerTask({name: modelpool.expert(name) for name in modelpool.expert_names})
+@dataclass(frozen=True)
+class Individual(PerTaskMethod):
+    def models(self, pool):
+        return pool_experts(pool)

@@ -23,15 +23,14 @@ eigen-decomposition per 2-D tensor.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from fusion_bench.method.base import merge_pool
+from fusion_bench.method.base import Experts, Progress, StateDictMerge
 from fusion_bench.tensor_ops import (
     StateDict,
-    expert_labels,
     is_excluded,
     map_keys,
     parallel_map,
@@ -40,53 +39,33 @@ from fusion_bench.tensor_ops import (
 )
 
 
-def iso_c(
-    pretrained: StateDict,
-    finetuned: Sequence[StateDict],
-    scaling_factor: float = 1.0,
-    average_keys: Sequence[str] = ("*text_projection*",),
-    exclude_keys: Sequence[str] = (),
-    names: Sequence[str] | None = None,
-    progress=None,
-) -> dict[str, Tensor]:
-    names = expert_labels(finetuned, names)
-    window = 2 * torch.get_num_threads()  # 2-D keys summed, then decomposed together
-    waiting: list[tuple[Tensor, Tensor]] = []  # (θ0, Σ τ) of 2-D keys not yet flattened
+@dataclass(frozen=True)
+class IsoC(StateDictMerge):
+    scaling_factor: float = 1.0  # α in θ0 + α Δ_iso; the paper selects it on validation data
+    # 2-D keys averaged instead of flattened (the reference excludes the text projection)
+    average_keys: list[str] = field(default_factory=lambda: ["*text_projection*"])
+    exclude_keys: list[str] = field(default_factory=list)  # fnmatch patterns kept at θ0
 
-    def flatten(item: tuple[Tensor, Tensor]) -> None:  # Σ τ becomes θ0 + α s̄ U Vᵀ, in place
-        base, total = item
-        orthogonal, singular_values = polar_factor(total)
-        total.copy_(base + (scaling_factor * singular_values.mean()) * orthogonal)
+    def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
+        alpha = self.scaling_factor
+        window = 2 * torch.get_num_threads()  # 2-D keys summed, then decomposed together
+        waiting: list[tuple[Tensor, Tensor]] = []  # (θ0, Σ τ) of 2-D keys not yet flattened
 
-    def merge_key(key: str, base: Tensor) -> Tensor:
-        total = task_vector_sum(finetuned, key, base, names)
-        if base.dim() != 2 or is_excluded(key, average_keys):
-            return base + scaling_factor * (total / len(finetuned))
-        waiting.append((base, total))  # the output holds ``total``; flattened in place later
-        if len(waiting) >= window:
-            parallel_map(flatten, waiting)
-            waiting.clear()
-        return total
+        def flatten(item: tuple[Tensor, Tensor]) -> None:  # Σ τ becomes θ0 + α s̄ U Vᵀ, in place
+            base, total = item
+            orthogonal, singular_values = polar_factor(total)
+            total.copy_(base + (alpha * singular_values.mean()) * orthogonal)
 
-    out = map_keys(pretrained, merge_key, exclude_keys, progress)
-    parallel_map(flatten, waiting)
-    return out
+        def merge_key(key: str, base: Tensor) -> Tensor:
+            total = task_vector_sum(experts, key, base)
+            if base.dim() != 2 or is_excluded(key, self.average_keys):
+                return base + alpha * (total / len(experts))
+            waiting.append((base, total))  # the output holds ``total``; flattened in place later
+            if len(waiting) >= window:
+                parallel_map(flatten, waiting)
+                waiting.clear()
+            return total
 
-
-class IsoC:
-    models_held = 1.0
-
-    def __init__(
-        self,
-        scaling_factor: float = 1.0,
-        average_keys: list[str] | None = None,
-        exclude_keys: list[str] | None = None,
-    ):
-        self.scaling_factor = scaling_factor
-        self.average_keys = list(["*text_projection*"] if average_keys is None else average_keys)
-        self.exclude_keys = list(exclude_keys or [])
-
-    def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        return merge_pool(
-            iso_c, modelpool, "iso_c", self.scaling_factor, self.average_keys, self.exclude_keys
-        )
+        out = map_keys(pretrained, merge_key, self.exclude_keys, progress)
+        parallel_map(flatten, waiting)
+        return out

@@ -10,41 +10,26 @@ Memory: the merged output + the running selection and one expert tensor of the c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from fusion_bench.method.base import merge_pool
-from fusion_bench.tensor_ops import StateDict, expert_labels, expert_tensor, map_keys
+from fusion_bench.method.base import Experts, Progress, StateDictMerge
+from fusion_bench.tensor_ops import StateDict, expert_tensor, map_keys
 
 
-def magmax(
-    pretrained: StateDict,
-    finetuned: Sequence[StateDict],
-    scaling_factor: float = 0.5,
-    exclude_keys: Sequence[str] = (),
-    names: Sequence[str] | None = None,
-    progress=None,
-) -> dict[str, Tensor]:
-    names = expert_labels(finetuned, names)
+@dataclass(frozen=True)
+class MagMax(StateDictMerge):
+    scaling_factor: float = 0.5  # the authors' 8-dataset script and FusionBench use 0.5
+    exclude_keys: list[str] = field(default_factory=list)  # fnmatch patterns kept at θ0
 
-    def merge_key(key: str, base: Tensor) -> Tensor:
-        best = torch.zeros_like(base)
-        for expert, name in zip(finetuned, names, strict=True):
-            tau = expert_tensor(expert, key, base, name) - base
-            best = torch.where(tau.abs() > best.abs(), tau, best)  # strict: first expert wins ties
-        return base + scaling_factor * best
+    def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
+        def merge_key(key: str, base: Tensor) -> Tensor:
+            best = torch.zeros_like(base)
+            for name, expert in experts.items():
+                tau = expert_tensor(expert, key, base, name) - base
+                best = torch.where(tau.abs() > best.abs(), tau, best)  # first expert wins ties
+            return base + self.scaling_factor * best
 
-    return map_keys(pretrained, merge_key, exclude_keys, progress)
-
-
-class MagMax:
-    models_held = 1.0
-
-    def __init__(self, scaling_factor: float = 0.5, exclude_keys: list[str] | None = None):
-        self.scaling_factor = scaling_factor
-        self.exclude_keys = list(exclude_keys or [])
-
-    def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        return merge_pool(magmax, modelpool, "magmax", self.scaling_factor, self.exclude_keys)
+        return map_keys(pretrained, merge_key, self.exclude_keys, progress)

@@ -11,9 +11,11 @@ Memory: all N image towers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
-from fusion_bench.method.ensemble import EnsembleClassifier, ensemble_classifier
+from fusion_bench.method.base import EnsembleMethod
 
 
 def max_logits(logits: Tensor) -> Tensor:
@@ -21,8 +23,7 @@ def max_logits(logits: Tensor) -> Tensor:
     return logits.max(dim=0).values
 
 
-class MaxModelPredictor:
-    models_held = staticmethod(lambda n: float(n))
-
-    def run(self, modelpool, fabric=None) -> EnsembleClassifier:
-        return ensemble_classifier(modelpool, max_logits)
+@dataclass(frozen=True)
+class MaxModelPredictor(EnsembleMethod):
+    def combiner(self, names):
+        return max_logits

@@ -16,14 +16,14 @@ Memory: the merged output + the k task-vector tensors of the current key (for th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import merge_pool
-from fusion_bench.tensor_ops import StateDict, expert_labels, expert_tensor, map_keys
+from fusion_bench.method.base import Experts, Progress, StateDictMerge
+from fusion_bench.tensor_ops import StateDict, expert_tensor, map_keys
 
 EPS = 1e-8  # as the reference code
 
@@ -39,39 +39,26 @@ def interpolation_ratio(taus: Tensor) -> Tensor:
     return k * cos_mean_angle / ((k - 1) * cos_mean_angle + 1 + EPS)
 
 
-def model_stock(
-    pretrained: StateDict,
-    finetuned: Sequence[StateDict],
-    exclude_keys: Sequence[str] = (),
-    names: Sequence[str] | None = None,
-    progress=None,
-) -> dict[str, Tensor]:
-    if len(finetuned) < 2:
-        raise FusionBenchError(
-            f"Model Stock needs at least 2 fine-tuned models (got {len(finetuned)}): the "
-            "interpolation ratio comes from the angle between them."
-        )
-    names = expert_labels(finetuned, names)
+@dataclass(frozen=True)
+class ModelStock(StateDictMerge):
+    exclude_keys: list[str] = field(default_factory=list)  # fnmatch patterns kept at θ0
 
-    def merge_key(key: str, base: Tensor) -> Tensor:
-        taus = torch.stack(
-            [
-                (expert_tensor(e, key, base, n) - base).reshape(-1)
-                for e, n in zip(finetuned, names, strict=True)
-            ]
-        )  # (k, P)
-        t = interpolation_ratio(taus).item()
-        average = base + taus.mean(0).view_as(base)
-        return t * average + (1.0 - t) * base
+    def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
+        if len(experts) < 2:
+            raise FusionBenchError(
+                f"Model Stock needs at least 2 fine-tuned models (got {len(experts)}): the "
+                "interpolation ratio comes from the angle between them."
+            )
 
-    return map_keys(pretrained, merge_key, exclude_keys, progress)
+        def merge_key(key: str, base: Tensor) -> Tensor:
+            taus = torch.stack(
+                [(expert_tensor(e, key, base, n) - base).reshape(-1) for n, e in experts.items()]
+            )  # (k, P)
+            t = interpolation_ratio(taus).item()
+            average = base + taus.mean(0).view_as(base)
+            return t * average + (1.0 - t) * base
 
+        return map_keys(pretrained, merge_key, self.exclude_keys, progress)
 
-class ModelStock:
-    models_held = 1.0  # the output + k tensors of the current key
-
-    def __init__(self, exclude_keys: list[str] | None = None):
-        self.exclude_keys = list(exclude_keys or [])
-
-    def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        return merge_pool(model_stock, modelpool, "model_stock", self.exclude_keys)
+    def models_held(self, n_experts: int) -> float:
+        return 1.0  # the output + the k task vectors of the current key

@@ -6,11 +6,16 @@ Memory: the pretrained image tower, read lazily by the evaluator.
 
 from __future__ import annotations
 
-from fusion_bench.checkpoint import LazyStateDict
+from dataclasses import dataclass
+
+from fusion_bench.method.base import Experts, Progress, StateDictMerge
+from fusion_bench.tensor_ops import StateDict
 
 
-class Pretrained:
-    models_held = 0.0  # nothing beyond the evaluated model
+@dataclass(frozen=True)
+class Pretrained(StateDictMerge):
+    def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
+        return pretrained
 
-    def run(self, modelpool, fabric=None) -> LazyStateDict:
-        return modelpool.pretrained()
+    def models_held(self, n_experts: int) -> float:
+        return 0.0  # nothing beyond the evaluated model

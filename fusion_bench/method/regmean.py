@@ -25,20 +25,132 @@ Memory: Σ_i G_i and Σ_i G_i W_iᵀ per linear layer + one expert's Grams + one
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import key_progress
-from fusion_bench.method.calibration import CalibrationData, device_of
-from fusion_bench.tensor_ops import StateDict, expert_labels, expert_tensor, is_excluded, map_keys
+from fusion_bench.method.base import (
+    Context,
+    DataMerge,
+    Experts,
+    Progress,
+    key_progress,
+    pool_experts,
+)
+from fusion_bench.taskpool.data import TaskData, check_sample_size
+from fusion_bench.tensor_ops import StateDict, expert_tensor, is_excluded, map_keys
 
 log = logging.getLogger(__name__)
 
 
-# -- the maths ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegMean(DataMerge):
+    num_regmean_examples: int = 256  # training images per task
+    reduce_non_diagonal_ratio: float = 0.6  # α scaling off-diagonal Gram entries
+    batch_size: int = 32
+    exclude_keys: list[str] = field(default_factory=list)  # fnmatch patterns kept at θ0
+    seed: int = 0  # which training images
+
+    def __post_init__(self):
+        check_ratio(self.reduce_non_diagonal_ratio)
+        check_sample_size(self.num_regmean_examples, self.batch_size)
+
+    def merge(self, pool, data: TaskData, context: Context) -> dict[str, Tensor]:
+        grams = self.expert_grams(pool, data, context.device)
+        return self.solve(pool.pretrained(), pool_experts(pool), grams, key_progress("regmean"))
+
+    def models_held(self, n_experts: int) -> float:
+        return 5.5  # Σ G + one expert's G (~1.7 P each for ViT-B) + Σ G Wᵀ + output + encoder
+
+    # -- the maths -------------------------------------------------------------------------------
+    def solve(
+        self,
+        pretrained: StateDict,
+        experts: Experts,
+        grams: Iterable[Mapping[str, Tensor]],
+        progress: Progress = None,
+    ) -> dict[str, Tensor]:
+        """RegMean over state dicts.
+
+        ``grams`` yields, for each expert in order, ``{weight key: (in, in) Gram}`` for the linear
+        layers to solve; it is consumed one expert at a time (a generator may compute each
+        expert's Grams when asked), and only the sums are kept. Keys without a Gram are averaged.
+        """
+        sum_gram: dict[str, Tensor] = {}
+        sum_gram_weight: dict[str, Tensor] = {}
+        count = 0
+        for (name, expert), expert_grams in zip(experts.items(), grams, strict=True):
+            keys = {k for k in expert_grams if not is_excluded(k, self.exclude_keys)}
+            if count and keys != set(sum_gram):
+                raise FusionBenchError(
+                    f"RegMean: expert '{name}' has Grams for {len(keys)} layers, the first expert "
+                    f"for {len(sum_gram)}: all experts must share one architecture."
+                )
+            for key in keys:
+                gram = reduce_off_diagonal(
+                    expert_grams[key].float(), self.reduce_non_diagonal_ratio
+                )
+                weight = expert_tensor(expert, key, pretrained[key], name).to(gram.device)
+                if weight.dim() != 2 or weight.shape[1] != gram.shape[0]:
+                    raise FusionBenchError(
+                        f"RegMean: '{key}' of shape {tuple(weight.shape)} does not take the "
+                        f"{gram.shape[0]}-wide inputs of its Gram matrix."
+                    )
+                if key in sum_gram:
+                    sum_gram[key] += gram
+                    sum_gram_weight[key] += gram @ weight.T
+                else:  # (in, in), (in, out)
+                    sum_gram[key], sum_gram_weight[key] = gram, gram @ weight.T
+            count += 1
+        if count == 0:
+            raise FusionBenchError("RegMean needs at least one expert.")
+
+        def merge_key(key: str, base: Tensor) -> Tensor:
+            if key in sum_gram:
+                return solve_merged_weight(sum_gram.pop(key), sum_gram_weight.pop(key), key).cpu()
+            acc = torch.zeros_like(base)
+            for name, expert in experts.items():
+                acc += expert_tensor(expert, key, base, name)
+            return acc / count
+
+        return map_keys(pretrained, merge_key, self.exclude_keys, progress)
+
+    # -- the statistic, per expert ---------------------------------------------------------------
+    def expert_grams(self, pool, data: TaskData, device) -> Iterator[dict[str, Tensor]]:
+        """Each expert's Grams on its own task's training images, computed when asked for."""
+        from tqdm.auto import tqdm
+
+        for name in tqdm(pool.expert_names, desc="Gram matrices", unit="expert", leave=False):
+            encoder = pool.build_encoder(pool.expert(name)).to(device).eval()
+            classifier = pool.classifier(encoder)
+            images = data.images(
+                name,
+                "train",
+                classifier.preprocess,
+                self.num_regmean_examples,
+                self.batch_size,
+                self.seed,
+            )
+            with GramRecorder(encoder) as recorder, torch.no_grad():
+                for batch in images:
+                    classifier.features(encoder, batch.to(device))
+            if not recorder.sums:
+                raise FusionBenchError(
+                    f"RegMean found no linear layer in the image tower of '{name}'."
+                )
+            grams = recorder.grams()
+            del encoder, classifier, recorder
+            yield grams
+
+
+def check_ratio(ratio: float) -> None:
+    if not 0.0 <= ratio <= 1.0:
+        raise FusionBenchError(f"reduce_non_diagonal_ratio={ratio} is outside [0, 1].")
+
+
 def reduce_off_diagonal(gram: Tensor, ratio: float) -> Tensor:
     """α·G off the diagonal, G on it."""
     out = gram * ratio
@@ -54,60 +166,6 @@ def solve_merged_weight(sum_gram: Tensor, sum_gram_weight: Tensor, key: str) -> 
         log.warning("RegMean: the Gram sum of %s is singular; using its pseudo-inverse", key)
         merged_t = torch.linalg.pinv(sum_gram) @ sum_gram_weight
     return merged_t.T.contiguous()
-
-
-def regmean(
-    pretrained: StateDict,
-    finetuned: Sequence[StateDict],
-    grams: Iterable[Mapping[str, Tensor]],
-    reduce_non_diagonal_ratio: float = 0.6,
-    exclude_keys: Sequence[str] = (),
-    names: Sequence[str] | None = None,
-    progress=None,
-) -> dict[str, Tensor]:
-    """RegMean over state dicts.
-
-    ``grams`` yields, for each expert in order, ``{weight key: (in, in) Gram}`` for the linear
-    layers to solve; it is consumed one expert at a time (a generator may compute each expert's
-    Grams when asked), and only the sums are kept. Keys without a Gram are averaged.
-    """
-    names = expert_labels(finetuned, names)
-    sum_gram: dict[str, Tensor] = {}
-    sum_gram_weight: dict[str, Tensor] = {}
-    count = 0
-    for expert, expert_grams, name in zip(finetuned, grams, names, strict=True):
-        keys = {k for k in expert_grams if not is_excluded(k, exclude_keys)}
-        if count and keys != set(sum_gram):
-            raise FusionBenchError(
-                f"RegMean: expert '{name}' has Grams for {len(keys)} layers, the first expert for "
-                f"{len(sum_gram)}: all experts must share one architecture."
-            )
-        for key in keys:
-            gram = reduce_off_diagonal(expert_grams[key].float(), reduce_non_diagonal_ratio)
-            weight = expert_tensor(expert, key, pretrained[key], name).to(gram.device)  # (out, in)
-            if weight.dim() != 2 or weight.shape[1] != gram.shape[0]:
-                raise FusionBenchError(
-                    f"RegMean: '{key}' of shape {tuple(weight.shape)} does not take the "
-                    f"{gram.shape[0]}-wide inputs of its Gram matrix."
-                )
-            if key in sum_gram:
-                sum_gram[key] += gram
-                sum_gram_weight[key] += gram @ weight.T
-            else:
-                sum_gram[key], sum_gram_weight[key] = gram, gram @ weight.T  # (in,in), (in,out)
-        count += 1
-    if count == 0:
-        raise FusionBenchError("RegMean needs at least one expert.")
-
-    def merge_key(key: str, base: Tensor) -> Tensor:
-        if key in sum_gram:
-            return solve_merged_weight(sum_gram.pop(key), sum_gram_weight.pop(key), key).cpu()
-        acc = torch.zeros_like(base)
-        for expert, name in zip(finetuned, names, strict=True):
-            acc += expert_tensor(expert, key, base, name)
-        return acc / count
-
-    return map_keys(pretrained, merge_key, exclude_keys, progress)
 
 
 # -- Gram matrices of the linear layers' inputs -------------------------------------------------
@@ -186,60 +244,3 @@ class GramRecorder:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def expert_grams(modelpool, names: Sequence[str], data: CalibrationData, device) -> Iterator[dict]:
-    """Each expert's Grams on its own task's training images, computed when asked for."""
-    from tqdm.auto import tqdm
-
-    for name in tqdm(names, desc="Gram matrices", unit="expert", leave=False):
-        encoder = modelpool.build_encoder(modelpool.expert(name)).to(device).eval()
-        classifier = modelpool.classifier(encoder)
-        with GramRecorder(encoder) as recorder, torch.no_grad():
-            for images in data.batches(name, classifier.preprocess):
-                classifier.features(encoder, images.to(device))
-        if not recorder.sums:
-            raise FusionBenchError(f"RegMean found no linear layer in the image tower of '{name}'.")
-        grams = recorder.grams()
-        del encoder, classifier, recorder
-        yield grams
-
-
-class RegMean:
-    models_held = 5.5  # Σ G + one expert's G (~1.7 P each for ViT-B) + Σ G Wᵀ + output + encoder
-
-    def __init__(
-        self,
-        num_regmean_examples: int = 256,
-        reduce_non_diagonal_ratio: float = 0.6,
-        batch_size: int = 32,
-        exclude_keys: list[str] | None = None,
-        datasets: dict[str, str] | None = None,
-        seed: int = 0,
-    ):
-        if not 0.0 <= reduce_non_diagonal_ratio <= 1.0:
-            raise FusionBenchError(
-                f"reduce_non_diagonal_ratio={reduce_non_diagonal_ratio} is outside [0, 1]."
-            )
-        self.num_regmean_examples = num_regmean_examples
-        self.reduce_non_diagonal_ratio = reduce_non_diagonal_ratio
-        self.batch_size = batch_size
-        self.exclude_keys = list(exclude_keys or [])
-        self.datasets = datasets
-        self.seed = seed
-
-    def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        names = modelpool.expert_names
-        data = CalibrationData(
-            names, self.num_regmean_examples, self.batch_size, self.datasets, self.seed
-        )
-        grams = expert_grams(modelpool, names, data, device_of(fabric))
-        return regmean(
-            modelpool.pretrained(),
-            [modelpool.expert(n) for n in names],
-            grams,
-            self.reduce_non_diagonal_ratio,
-            self.exclude_keys,
-            names,
-            key_progress("regmean"),
-        )

@@ -21,18 +21,100 @@ at the current depth (N × num_regmean_examples × tokens × width floats, on th
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.calibration import CalibrationData, device_of
-from fusion_bench.method.regmean import GramRecorder, regmean
-from fusion_bench.method.simple_average import simple_average
+from fusion_bench.method.base import Context, DataMerge, pool_experts
+from fusion_bench.method.regmean import GramRecorder, RegMean, check_ratio
+from fusion_bench.method.simple_average import SimpleAverage
+from fusion_bench.taskpool.data import TaskData, check_sample_size
 from fusion_bench.tensor_ops import StateDict
 
 BLOCK_LISTS = ("encoder.layers", "transformer.resblocks")  # HF CLIP, open_clip
+
+
+@dataclass(frozen=True)
+class RegMeanPlusPlus(DataMerge):
+    num_regmean_examples: int = 256  # training images per task
+    reduce_non_diagonal_ratio: float = 0.95  # α scaling off-diagonal Gram entries
+    batch_size: int = 32
+    exclude_keys: list[str] = field(default_factory=list)  # fnmatch patterns kept at θ0
+    seed: int = 0  # which training images
+
+    def __post_init__(self):
+        check_ratio(self.reduce_non_diagonal_ratio)
+        check_sample_size(self.num_regmean_examples, self.batch_size)
+
+    def models_held(self, n_experts: int) -> float:
+        return 3.0  # merged state + merged encoder + one block's Grams/copies (+ activations)
+
+    def merge(self, pool, data: TaskData, context: Context) -> dict[str, Tensor]:
+        from tqdm.auto import tqdm
+
+        device = context.device
+        pretrained, experts = pool.pretrained(), pool_experts(pool)
+        block_merge = RegMean(
+            reduce_non_diagonal_ratio=self.reduce_non_diagonal_ratio, exclude_keys=self.exclude_keys
+        )
+        # stem and head: the simple average
+        merged_state = SimpleAverage(exclude_keys=self.exclude_keys).merge(pretrained, experts)
+        encoder = pool.build_encoder(merged_state).to(device).eval()
+        classifier = pool.classifier(encoder)
+        where, blocks = transformer_blocks(encoder)
+
+        def task_images(name: str):
+            return data.images(
+                name,
+                "train",
+                classifier.preprocess,
+                self.num_regmean_examples,
+                self.batch_size,
+                self.seed,
+            )
+
+        with torch.no_grad():
+            inputs = {
+                n: first_block_inputs(classifier, blocks[0], task_images(n), device)
+                for n in experts
+            }
+            for index in tqdm(
+                range(len(blocks)), desc="regmean_plusplus", unit="block", leave=False
+            ):
+                prefix = f"{where}.{index}."
+
+                def block_grams(
+                    prefix=prefix, index=index, inputs=inputs
+                ) -> Iterator[dict[str, Tensor]]:
+                    for name, expert in experts.items():
+                        block = copy.deepcopy(blocks[index])
+                        block.load_state_dict({k: expert[prefix + k] for k in block.state_dict()})
+                        with GramRecorder(block, prefix) as recorder:
+                            for call in inputs[name]:
+                                block_forward(block, call, device)
+                        yield recorder.grams()
+
+                merged_block = block_merge.solve(
+                    Prefixed(pretrained, prefix),
+                    {n: Prefixed(e, prefix) for n, e in experts.items()},
+                    block_grams(),
+                )
+                merged_state.update(merged_block)
+                blocks[index].load_state_dict(
+                    {k.removeprefix(prefix): v for k, v in merged_block.items()}
+                )
+                if index + 1 < len(blocks):  # the next block's inputs: this merged block's outputs
+                    inputs = {
+                        n: [
+                            (block_forward(blocks[index], c, device).cpu(), c[1], c[2])
+                            for c in calls
+                        ]
+                        for n, calls in inputs.items()
+                    }
+        return merged_state
 
 
 class Prefixed(Mapping):
@@ -99,97 +181,3 @@ def block_forward(block: nn.Module, call: tuple, device) -> Tensor:
     hidden, args, kwargs = call
     out = block(hidden.to(device), *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
-
-
-def regmean_plusplus(
-    modelpool,
-    data: CalibrationData,
-    reduce_non_diagonal_ratio: float = 0.95,
-    exclude_keys: Sequence[str] = (),
-    device: torch.device | str = "cpu",
-) -> dict[str, Tensor]:
-    from tqdm.auto import tqdm
-
-    names = list(modelpool.expert_names)
-    pretrained = modelpool.pretrained()
-    experts = [modelpool.expert(n) for n in names]
-    merged_state = simple_average(pretrained, experts, exclude_keys, names)  # stem/head: average
-    encoder = modelpool.build_encoder(merged_state).to(device).eval()
-    classifier = modelpool.classifier(encoder)
-    where, blocks = transformer_blocks(encoder)
-
-    with torch.no_grad():
-        inputs = {
-            n: first_block_inputs(
-                classifier, blocks[0], data.batches(n, classifier.preprocess), device
-            )
-            for n in names
-        }
-        for index in tqdm(range(len(blocks)), desc="regmean_plusplus", unit="block", leave=False):
-            prefix = f"{where}.{index}."
-
-            def block_grams(
-                prefix=prefix, index=index, inputs=inputs
-            ) -> Iterator[dict[str, Tensor]]:
-                for name, expert in zip(names, experts, strict=True):
-                    block = copy.deepcopy(blocks[index])
-                    block.load_state_dict({k: expert[prefix + k] for k in block.state_dict()})
-                    with GramRecorder(block, prefix) as recorder:
-                        for call in inputs[name]:
-                            block_forward(block, call, device)
-                    yield recorder.grams()
-
-            merged_block = regmean(
-                Prefixed(pretrained, prefix),
-                [Prefixed(e, prefix) for e in experts],
-                block_grams(),
-                reduce_non_diagonal_ratio,
-                exclude_keys,
-                names,
-            )
-            merged_state.update(merged_block)
-            blocks[index].load_state_dict(
-                {k.removeprefix(prefix): v for k, v in merged_block.items()}
-            )
-            if index + 1 < len(blocks):  # the next block's inputs: this merged block's outputs
-                inputs = {
-                    n: [(block_forward(blocks[index], c, device).cpu(), c[1], c[2]) for c in calls]
-                    for n, calls in inputs.items()
-                }
-    return merged_state
-
-
-class RegMeanPlusPlus:
-    models_held = 3.0  # merged state + merged encoder + one block's Grams/copies (+ activations)
-
-    def __init__(
-        self,
-        num_regmean_examples: int = 256,
-        reduce_non_diagonal_ratio: float = 0.95,
-        batch_size: int = 32,
-        exclude_keys: list[str] | None = None,
-        datasets: dict[str, str] | None = None,
-        seed: int = 0,
-    ):
-        if not 0.0 <= reduce_non_diagonal_ratio <= 1.0:
-            raise FusionBenchError(
-                f"reduce_non_diagonal_ratio={reduce_non_diagonal_ratio} is outside [0, 1]."
-            )
-        self.num_regmean_examples = num_regmean_examples
-        self.reduce_non_diagonal_ratio = reduce_non_diagonal_ratio
-        self.batch_size = batch_size
-        self.exclude_keys = list(exclude_keys or [])
-        self.datasets = datasets
-        self.seed = seed
-
-    def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        data = CalibrationData(
-            modelpool.expert_names,
-            self.num_regmean_examples,
-            self.batch_size,
-            self.datasets,
-            self.seed,
-        )
-        return regmean_plusplus(
-            modelpool, data, self.reduce_non_diagonal_ratio, self.exclude_keys, device_of(fabric)
-        )

@@ -10,32 +10,17 @@ of N.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from torch import Tensor
-
-from fusion_bench.method.base import merge_pool
+from fusion_bench.method.base import Experts, Progress, StateDictMerge
 from fusion_bench.tensor_ops import StateDict, add_weighted_task_vectors
 
 
-def simple_average(
-    pretrained: StateDict,
-    finetuned: Sequence[StateDict],
-    exclude_keys: Sequence[str] = (),
-    names: Sequence[str] | None = None,
-    progress=None,
-) -> dict[str, Tensor]:
-    n = len(finetuned)
-    return add_weighted_task_vectors(
-        pretrained, finetuned, [1.0 / n] * n, names, exclude_keys, progress
-    )
+@dataclass(frozen=True)
+class SimpleAverage(StateDictMerge):
+    exclude_keys: list[str] = field(default_factory=list)  # fnmatch patterns kept at θ0
 
-
-class SimpleAverage:
-    models_held = 1.0  # the output; per-key temporaries are negligible
-
-    def __init__(self, exclude_keys: list[str] | None = None):
-        self.exclude_keys = list(exclude_keys or [])
-
-    def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        return merge_pool(simple_average, modelpool, "simple_average", self.exclude_keys)
+    def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
+        n = len(experts)
+        weights = [1.0 / n] * n
+        return add_weighted_task_vectors(pretrained, experts, weights, self.exclude_keys, progress)

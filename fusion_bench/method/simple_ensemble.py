@@ -9,9 +9,11 @@ Memory: all N image towers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import Tensor
 
-from fusion_bench.method.ensemble import EnsembleClassifier, ensemble_classifier
+from fusion_bench.method.base import EnsembleMethod
 
 
 def mean_logits(logits: Tensor) -> Tensor:
@@ -19,8 +21,7 @@ def mean_logits(logits: Tensor) -> Tensor:
     return logits.mean(dim=0)
 
 
-class SimpleEnsemble:
-    models_held = staticmethod(lambda n: float(n))
-
-    def run(self, modelpool, fabric=None) -> EnsembleClassifier:
-        return ensemble_classifier(modelpool, mean_logits)
+@dataclass(frozen=True)
+class SimpleEnsemble(EnsembleMethod):
+    def combiner(self, names):
+        return mean_logits

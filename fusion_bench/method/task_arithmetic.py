@@ -12,46 +12,17 @@ of N.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 
-from torch import Tensor
-
-from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import merge_pool
+from fusion_bench.method.base import Experts, Progress, StateDictMerge, per_expert
 from fusion_bench.tensor_ops import StateDict, add_weighted_task_vectors
 
 
-def task_arithmetic(
-    pretrained: StateDict,
-    finetuned: Sequence[StateDict],
-    scaling_factor: float | Sequence[float],
-    exclude_keys: Sequence[str] = (),
-    names: Sequence[str] | None = None,
-    progress=None,
-) -> dict[str, Tensor]:
-    if isinstance(scaling_factor, (int, float)):
-        weights = [float(scaling_factor)] * len(finetuned)
-    else:
-        weights = [float(w) for w in scaling_factor]
-        if len(weights) != len(finetuned):
-            raise FusionBenchError(
-                f"scaling_factor has {len(weights)} values for {len(finetuned)} experts: give one "
-                "value, or one per expert in the pool's order."
-            )
-    return add_weighted_task_vectors(pretrained, finetuned, weights, names, exclude_keys, progress)
+@dataclass(frozen=True)
+class TaskArithmetic(StateDictMerge):
+    scaling_factor: float | list[float] = 0.3  # one λ, or one per expert in the pool's order
+    exclude_keys: list[str] = field(default_factory=list)  # fnmatch patterns kept at θ0
 
-
-class TaskArithmetic:
-    models_held = 1.0
-
-    def __init__(
-        self, scaling_factor: float | list[float] = 0.3, exclude_keys: list[str] | None = None
-    ):
-        self.scaling_factor = scaling_factor
-        self.exclude_keys = list(exclude_keys or [])
-
-    def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        scaling = self.scaling_factor
-        if not isinstance(scaling, (int, float)):
-            scaling = list(scaling)
-        return merge_pool(task_arithmetic, modelpool, "task_arithmetic", scaling, self.exclude_keys)
+    def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
+        weights = per_expert(self.scaling_factor, list(experts), "scaling_factor")
+        return add_weighted_task_vectors(pretrained, experts, weights, self.exclude_keys, progress)

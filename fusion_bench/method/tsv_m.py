@@ -25,16 +25,15 @@ tensor, spread over torch's threads (:func:`fusion_bench.tensor_ops.parallel_map
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import merge_pool
+from fusion_bench.method.base import Experts, Progress, StateDictMerge
 from fusion_bench.tensor_ops import (
     StateDict,
-    expert_labels,
     expert_tensor,
     is_excluded,
     map_keys,
@@ -45,65 +44,44 @@ from fusion_bench.tensor_ops import (
 )
 
 
-def tsv_m(
-    pretrained: StateDict,
-    finetuned: Sequence[StateDict],
-    scaling_factor: float = 1.0,
-    average_keys: Sequence[str] = ("*text_projection*",),
-    exclude_keys: Sequence[str] = (),
-    names: Sequence[str] | None = None,
-    progress=None,
-) -> dict[str, Tensor]:
-    names = expert_labels(finetuned, names)
-    n_tasks = len(finetuned)
-    if n_tasks == 0:
-        raise FusionBenchError("TSV-M needs at least one expert in the model pool.")
+@dataclass(frozen=True)
+class TsvM(StateDictMerge):
+    scaling_factor: float = 1.0  # α in θ0 + α Δ: Δ at full strength; sweep it on validation
+    # 2-D keys averaged instead of compressed (the reference excludes the text projection)
+    average_keys: list[str] = field(default_factory=lambda: ["*text_projection*"])
+    exclude_keys: list[str] = field(default_factory=list)  # fnmatch patterns kept at θ0
 
-    def merge_key(key: str, base: Tensor) -> Tensor:
-        if base.dim() != 2 or is_excluded(key, average_keys):
-            total = task_vector_sum(finetuned, key, base, names)
-            return base + scaling_factor * (total / n_tasks)
-        m, n = base.shape
-        r = min(m, n)
-        k = r // n_tasks
-        if k == 0:
-            raise FusionBenchError(
-                f"TSV-M keeps ⌊rank / experts⌋ = ⌊{r} / {n_tasks}⌋ = 0 singular vectors per task "
-                f"for '{key}' ({m}×{n}): merge fewer experts, or add '{key}' to "
-                "method.average_keys to average it instead."
-            )
-        u_all = torch.zeros(m, r)
-        s_all = torch.zeros(r)
-        v_all = torch.zeros(r, n)
+    def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
+        names, n_tasks = list(experts), len(experts)
+        if n_tasks == 0:
+            raise FusionBenchError("TSV-M needs at least one expert in the model pool.")
 
-        def compress(t: int):  # TSV-C of one task: its top-k singular triplets
-            tau = expert_tensor(finetuned[t], key, base, names[t]) - base
-            return top_singular_triplets(tau, k)
+        def merge_key(key: str, base: Tensor) -> Tensor:
+            if base.dim() != 2 or is_excluded(key, self.average_keys):
+                total = task_vector_sum(experts, key, base)
+                return base + self.scaling_factor * (total / n_tasks)
+            m, n = base.shape
+            r = min(m, n)
+            k = r // n_tasks
+            if k == 0:
+                raise FusionBenchError(
+                    f"TSV-M keeps ⌊rank / experts⌋ = ⌊{r} / {n_tasks}⌋ = 0 singular vectors per "
+                    f"task for '{key}' ({m}×{n}): merge fewer experts, or add '{key}' to "
+                    "method.average_keys to average it instead."
+                )
+            u_all = torch.zeros(m, r)
+            s_all = torch.zeros(r)
+            v_all = torch.zeros(r, n)
 
-        for t, (u, s, vh) in enumerate(parallel_map(compress, range(n_tasks))):
-            u_all[:, t * k : (t + 1) * k] = u
-            s_all[t * k : (t + 1) * k] = s
-            v_all[t * k : (t + 1) * k] = vh
-        (u_orth, _), (v_orth, _) = parallel_map(polar_factor, [u_all, v_all])
-        return base + scaling_factor * ((u_orth * s_all) @ v_orth)
+            def compress(name: str):  # TSV-C of one task: its top-k singular triplets
+                tau = expert_tensor(experts[name], key, base, name) - base
+                return top_singular_triplets(tau, k)
 
-    return map_keys(pretrained, merge_key, exclude_keys, progress)
+            for t, (u, s, vh) in enumerate(parallel_map(compress, names)):
+                u_all[:, t * k : (t + 1) * k] = u
+                s_all[t * k : (t + 1) * k] = s
+                v_all[t * k : (t + 1) * k] = vh
+            (u_orth, _), (v_orth, _) = parallel_map(polar_factor, [u_all, v_all])
+            return base + self.scaling_factor * ((u_orth * s_all) @ v_orth)
 
-
-class TsvM:
-    models_held = 1.0
-
-    def __init__(
-        self,
-        scaling_factor: float = 1.0,
-        average_keys: list[str] | None = None,
-        exclude_keys: list[str] | None = None,
-    ):
-        self.scaling_factor = scaling_factor
-        self.average_keys = list(["*text_projection*"] if average_keys is None else average_keys)
-        self.exclude_keys = list(exclude_keys or [])
-
-    def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        return merge_pool(
-            tsv_m, modelpool, "tsv_m", self.scaling_factor, self.average_keys, self.exclude_keys
-        )
+        return map_keys(pretrained, merge_key, self.exclude_keys, progress)

@@ -13,40 +13,40 @@ Memory: the merged output + one running sum and one expert tensor of the current
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import merge_pool
+from fusion_bench.method.base import Experts, Progress, StateDictMerge
 from fusion_bench.tensor_ops import StateDict, add_weighted_task_vectors, mergeable_keys
 
 
-def weighted_average(
-    pretrained: StateDict,
-    finetuned: Sequence[StateDict],
-    weights: Sequence[float],
-    normalize: bool = True,
-    exclude_keys: Sequence[str] = (),
-    names: Sequence[str] | None = None,
-    progress=None,
-) -> dict[str, Tensor]:
-    weights = [float(w) for w in weights]
-    if len(weights) != len(finetuned):
-        raise FusionBenchError(
-            f"weights has {len(weights)} values for {len(finetuned)} experts: give one weight per "
-            "expert, in the pool's order (or a mapping {expert: weight})."
-        )
-    total = sum(weights)
-    if normalize:
-        if total == 0.0:
-            raise FusionBenchError("weights sum to 0 and cannot be normalised; fix method.weights.")
-        weights = [w / total for w in weights]
-    out = add_weighted_task_vectors(pretrained, finetuned, weights, names, exclude_keys, progress)
-    if not normalize and total != 1.0:  # Σ w_i θ_i = θ0 + Σ w_i τ_i + (Σ w_i − 1) θ0
-        for key in mergeable_keys(pretrained, exclude_keys):
-            out[key].add_(pretrained[key].to(torch.float32), alpha=total - 1.0)
-    return out
+@dataclass(frozen=True)
+class WeightedAverage(StateDictMerge):
+    weights: list[float] | dict[str, float] | None = None  # required: list or {expert: weight}
+    normalize: bool = True  # divide by Σ w (FusionBench's default)
+    exclude_keys: list[str] = field(default_factory=list)  # fnmatch patterns kept at θ0
+
+    def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
+        weights = weights_in_order(self.weights, list(experts))
+        if len(weights) != len(experts):
+            raise FusionBenchError(
+                f"weights has {len(weights)} values for {len(experts)} experts: give one weight "
+                "per expert, in the pool's order (or a mapping {expert: weight})."
+            )
+        total = sum(weights)
+        if self.normalize:
+            if total == 0.0:
+                raise FusionBenchError(
+                    "weights sum to 0 and cannot be normalised; fix method.weights."
+                )
+            weights = [w / total for w in weights]
+        out = add_weighted_task_vectors(pretrained, experts, weights, self.exclude_keys, progress)
+        if not self.normalize and total != 1.0:  # Σ w_i θ_i = θ0 + Σ w_i τ_i + (Σ w_i − 1) θ0
+            for key in mergeable_keys(pretrained, self.exclude_keys):
+                out[key].add_(pretrained[key].to(torch.float32), alpha=total - 1.0)
+        return out
 
 
 def weights_in_order(
@@ -68,27 +68,3 @@ def weights_in_order(
             )
         return [float(weights[n]) for n in names]
     return [float(w) for w in weights]
-
-
-class WeightedAverage:
-    models_held = 1.0
-
-    def __init__(
-        self,
-        weights: list[float] | dict[str, float] | None = None,
-        normalize: bool = True,
-        exclude_keys: list[str] | None = None,
-    ):
-        self.weights = weights
-        self.normalize = normalize
-        self.exclude_keys = list(exclude_keys or [])
-
-    def run(self, modelpool, fabric=None) -> dict[str, Tensor]:
-        return merge_pool(
-            weighted_average,
-            modelpool,
-            "weighted_average",
-            weights_in_order(self.weights, modelpool.expert_names),
-            self.normalize,
-            self.exclude_keys,
-        )

@@ -9,12 +9,14 @@ Memory: all N image towers.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.ensemble import EnsembleClassifier, ensemble_classifier
+from fusion_bench.method.base import EnsembleMethod
 
 
 def weighted_logits(logits: Tensor, weights: Sequence[float], normalize: bool = True) -> Tensor:
@@ -25,23 +27,19 @@ def weighted_logits(logits: Tensor, weights: Sequence[float], normalize: bool = 
     return (w.view(-1, 1, 1) * logits).sum(dim=0)
 
 
-class WeightedEnsemble:
-    models_held = staticmethod(lambda n: float(n))
+@dataclass(frozen=True)
+class WeightedEnsemble(EnsembleMethod):
+    weights: list[float] | None = None  # one per expert, in the pool's order; None = 1/N each
+    normalize: bool = True  # divide by Σ w (FusionBench's default)
 
-    def __init__(self, weights: list[float] | None = None, normalize: bool = True):
-        self.weights = None if weights is None else [float(w) for w in weights]
-        self.normalize = normalize
-
-    def run(self, modelpool, fabric=None) -> EnsembleClassifier:
-        n = len(modelpool.expert_names)
-        weights = self.weights if self.weights is not None else [1.0 / n] * n
+    def combiner(self, names):
+        n = len(names)
+        weights = [float(w) for w in self.weights] if self.weights is not None else [1.0 / n] * n
         if len(weights) != n:
             raise FusionBenchError(
-                f"method.weights has {len(weights)} values for {n} experts "
-                f"{modelpool.expert_names}: give one weight per expert, in that order."
+                f"method.weights has {len(weights)} values for {n} experts {list(names)}: give "
+                "one weight per expert, in that order."
             )
         if self.normalize and sum(weights) == 0:
             raise FusionBenchError("method.weights sum to 0: they cannot be normalised.")
-        return ensemble_classifier(
-            modelpool, lambda logits: weighted_logits(logits, weights, self.normalize)
-        )
+        return partial(weighted_logits, weights=weights, normalize=self.normalize)

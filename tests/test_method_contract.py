@@ -1,0 +1,235 @@
+"""The method contract (fusion_bench/method/base.py), checked over every method config.
+
+Parametrised over the YAML files themselves: a new method is covered by the CLI smoke test, the
+Python API test and the contract checks with no edit here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+
+import pytest
+import torch
+
+import fusion_bench
+from fusion_bench.api import build_method, method_config
+from fusion_bench.errors import FusionBenchError
+from fusion_bench.method import base
+from fusion_bench.method.base import (
+    STATE_DICT_KINDS,
+    Context,
+    RoutedMethod,
+    RoutedModel,
+    SequentialMerge,
+    merge_sequentially,
+    pool_experts,
+)
+from fusion_bench.method.simple_average import SimpleAverage
+from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
+from fusion_bench.paths import config_dir
+from fusion_bench.taskpool.clip_classification import CLIPClassificationTaskPool
+from fusion_bench.testing import as_experts, assert_state_dict_close
+from tests.conftest import TASKS
+from tests.test_cli import run_cli
+
+METHOD_DIR = config_dir() / "method"
+METHODS = sorted(str(p.relative_to(METHOD_DIR).with_suffix("")) for p in METHOD_DIR.rglob("*.yaml"))
+KIND_BASES = {
+    "merge": base.StateDictMerge,
+    "data_merge": base.DataMerge,
+    "sequential": base.SequentialMerge,
+    "per_task": base.PerTaskMethod,
+    "routed": base.RoutedMethod,
+    "ensemble": base.EnsembleMethod,
+}
+# Options a method cannot run without on a 2-expert pool (everything else: the YAML's defaults).
+REQUIRED = {"weighted_average": {"weights": [1.0, 1.0]}}
+# Fast settings for the tiny pools (fewer samples / steps than the papers' defaults).
+FAST = {
+    "fisher_merging": {"num_fisher_examples": 8, "batch_size": 4},
+    "regmean": {"num_regmean_examples": 8, "batch_size": 4},
+    "regmean_plusplus": {"num_regmean_examples": 8, "batch_size": 4},
+    "adamerging_task_wise": {"max_steps": 2, "batch_size": 4},
+    "adamerging_layer_wise": {"max_steps": 2, "batch_size": 4},
+    "adamerging_plusplus": {"max_steps": 2, "batch_size": 4},
+}
+
+
+def settings(name: str) -> dict:
+    return {**REQUIRED.get(name, {}), **FAST.get(name, {})}
+
+
+def test_every_kind_is_listed_and_has_one_base():
+    assert set(typing.get_args(base.Kind)) == set(KIND_BASES)
+    for kind, cls in KIND_BASES.items():
+        assert cls.kind == kind
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_is_one_frozen_dataclass_of_one_kind(name):
+    method, _ = build_method(name, REQUIRED.get(name, {}))
+    cls = type(method)
+    assert dataclasses.is_dataclass(cls), f"{cls.__name__} is not a dataclass"
+    assert cls.__dataclass_params__.frozen, f"{cls.__name__} is not frozen"
+    kind_bases = [b for b in KIND_BASES.values() if issubclass(cls, b)]
+    assert len(kind_bases) == 1 and cls.__mro__[1] is kind_bases[0], cls.__mro__
+    assert not hasattr(method, "run"), "the pre-contract run() entry point is gone"
+    for n in (1, 8, 20):
+        held = method.models_held(n)
+        assert isinstance(held, float) and held >= 0.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(method, dataclasses.fields(cls)[0].name if dataclasses.fields(cls) else "x", 0)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_method_yaml_reads_only_its_own_group(name):
+    text = (METHOD_DIR / f"{name}.yaml").read_text()
+    assert "${" not in text, f"conf/method/{name}.yaml interpolates another group"
+    assert "_target_" in method_config(name)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_runs_from_the_cli(name, open_clip_cli_args, tmp_path, capsys):
+    overrides = [f"method.{k}={v}".replace(" ", "") for k, v in settings(name).items()]
+    code, out, err = run_cli(
+        [
+            *open_clip_cli_args,
+            f"method={name}",
+            *overrides,
+            "fast_dev_run=true",
+            "logger=none",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capsys,
+    )
+    assert code == 0, err[-3000:]
+    assert f"== {name} ==" in out and "average" in out
+
+
+@pytest.fixture(scope="module")
+def pools(open_clip_pool_files, tiny_datasets):
+    f = open_clip_pool_files
+    modelpool = OpenCLIPModelPool(
+        f["model_name"], f["pretrained"], f["experts"], model_config=f["config"]
+    )
+    taskpool = CLIPClassificationTaskPool(list(TASKS), datasets=tiny_datasets, fast_dev_run=True)
+    return modelpool, taskpool
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_runs_through_the_python_api(name, pools):
+    modelpool, taskpool = pools
+    method, _ = build_method(name, settings(name))
+    if method.kind in STATE_DICT_KINDS:
+        merged = fusion_bench.merge(
+            name, modelpool, data=taskpool, fabric=None, save_to=None, **settings(name)
+        )
+        assert set(merged) == set(modelpool.pretrained())
+        assert all(t.isfinite().all() for t in merged.values() if t.is_floating_point())
+    else:
+        with pytest.raises(FusionBenchError, match="fusion_bench.evaluate"):
+            fusion_bench.merge(name, modelpool, **settings(name))
+    metrics = fusion_bench.evaluate(name, modelpool, taskpool, fast_dev_run=True, **settings(name))
+    assert set(metrics) >= {f"test/{t}/acc" for t in TASKS} | {"test/avg_acc"}
+
+
+# -- the sequential and routed kinds, with toy methods of their own -------------------------------
+@dataclasses.dataclass(frozen=True)
+class RunningAverage(SequentialMerge[tuple[dict, int]]):
+    """θ_t = θ_{t-1} + (θ_new − θ_{t-1}) / t: after the last expert, the simple average."""
+
+    def start(self, pretrained):
+        return {k: v.float().clone() for k, v in pretrained.items()}, 0
+
+    def absorb(self, state, name, expert):
+        merged, count = state
+        for key, value in merged.items():
+            if value.is_floating_point():
+                value += (expert[key].float() - value) / (count + 1)
+        return merged, count + 1
+
+    def merged(self, state):
+        return {k: v.clone() for k, v in state[0].items()}
+
+
+def test_sequential_kind_gives_the_model_after_every_expert(pools):
+    modelpool, taskpool = pools
+    pre, experts = modelpool.pretrained(), pool_experts(modelpool)
+    steps = list(merge_sequentially(RunningAverage(), pre, experts))
+    assert [name for name, _ in steps] == list(experts)
+    first = next(iter(experts.values()))
+    assert_state_dict_close(steps[0][1], first)  # one expert: that expert
+    assert_state_dict_close(steps[-1][1], SimpleAverage().merge(pre, experts), atol=1e-6)
+    # the runner's and the API's path: the final model
+    assert_state_dict_close(fusion_bench.merge(RunningAverage(), modelpool), steps[-1][1])
+    metrics = fusion_bench.evaluate(RunningAverage(), modelpool, taskpool)
+    reference = fusion_bench.evaluate("simple_average", modelpool, taskpool)
+    assert metrics == pytest.approx(reference, abs=1e-6)
+
+
+class FirstExpertTower(RoutedModel):
+    """Routes every image to the first expert: must score exactly as that expert."""
+
+    def __init__(self, pool):
+        super().__init__()
+        name = pool.expert_names[0]
+        self.classifier = pool.classifier(pool.build_encoder(pool.expert(name)))
+        self.encoder = self.classifier.encoder
+
+    def forward(self, images):
+        return self.classifier.features(self.encoder, images)
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstExpert(RoutedMethod):
+    def build(self, pool, data, context):
+        return FirstExpertTower(pool)
+
+    def models_held(self, n_experts: int) -> float:
+        return 1.0
+
+
+def test_routed_kind_is_evaluated_as_its_module(pools):
+    modelpool, taskpool = pools
+    metrics = fusion_bench.evaluate(FirstExpert(), modelpool, taskpool)
+    first = modelpool.expert_names[0]
+    alone = fusion_bench.evaluate(
+        "weighted_ensemble", modelpool, taskpool, weights=[1.0, 0.0], normalize=False
+    )
+    assert metrics == pytest.approx(alone, abs=1e-5)
+    tower = FirstExpertTower(modelpool)  # stores one image tower
+    assert tower.stored_parameters() == sum(t.numel() for t in modelpool.expert(first).values())
+    with pytest.raises(FusionBenchError, match="routed model"):
+        fusion_bench.merge(FirstExpert(), modelpool)
+
+
+def test_per_task_models_are_built_one_at_a_time(pools, monkeypatch):
+    modelpool, taskpool = pools
+    built = []
+    original = modelpool.build_encoder
+    monkeypatch.setattr(
+        modelpool, "build_encoder", lambda state=None: built.append(1) or original(state)
+    )
+    model, state = base.build_classifiers(
+        build_method("individual", {})[0], modelpool, taskpool.data, Context(), "individual"
+    )
+    assert state is None and isinstance(model, Mapping) and built == []
+    model[TASKS[0]]
+    assert built == [1]
+
+
+def test_merge_results_with_nan_are_refused(pools):
+    modelpool, _ = pools
+    with pytest.raises(FusionBenchError, match="NaN/Inf"):
+        fusion_bench.merge("task_arithmetic", modelpool, scaling_factor=float("inf"))
+
+
+def test_method_instances_and_hyperparameters_do_not_mix(pools):
+    modelpool, _ = pools
+    with pytest.raises(FusionBenchError, match="method instance and hyper-parameters"):
+        fusion_bench.merge(SimpleAverage(), modelpool, scaling_factor=0.3)
+    pre = {"w": torch.zeros(2)}
+    out = fusion_bench.merge(SimpleAverage(), pre, as_experts([{"w": torch.ones(2)}]))
+    assert torch.equal(out["w"], torch.ones(2))
