@@ -80,6 +80,16 @@ def open_clip_pool_files(tmp_path_factory) -> dict:
     }
 
 
+@pytest.fixture(scope="session")
+def open_clip_pool(open_clip_pool_files):
+    from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
+
+    f = open_clip_pool_files
+    return OpenCLIPModelPool(
+        f["model_name"], f["pretrained"], f["experts"], model_config=f["config"]
+    )
+
+
 # --- Hugging Face ------------------------------------------------------------------------------
 def _char_tokenizer_files(directory: Path) -> int:
     """A character-level CLIP BPE vocabulary (no merges): enough for CLIPTokenizer offline."""
@@ -149,6 +159,13 @@ def hf_pool_files(tmp_path_factory) -> dict:
         expert.save_pretrained(root / task)
         experts[task] = str(root / task)
     return {"pretrained": str(pre_dir), "experts": experts, "root": root, "vocab_size": vocab_size}
+
+
+@pytest.fixture(scope="session")
+def hf_pool(hf_pool_files):
+    from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
+
+    return CLIPVisionModelPool(hf_pool_files["pretrained"], hf_pool_files["experts"])
 
 
 # --- datasets ----------------------------------------------------------------------------------

@@ -18,26 +18,11 @@ from fusion_bench.method.adamerging import (
 )
 from fusion_bench.method.base import Context, pool_experts
 from fusion_bench.method.task_arithmetic import TaskArithmetic
-from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
-from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
 from fusion_bench.taskpool.data import TaskData
 from fusion_bench.testing import as_experts, assert_state_dict_close
 from tests.conftest import TASKS
 from tests.test_cli import run_cli
 from tests.wandb_records import wait_for_logged
-
-
-@pytest.fixture
-def open_clip_pool(open_clip_pool_files):
-    f = open_clip_pool_files
-    return OpenCLIPModelPool(
-        f["model_name"], f["pretrained"], f["experts"], model_config=f["config"]
-    )
-
-
-@pytest.fixture
-def hf_pool(hf_pool_files):
-    return CLIPVisionModelPool(hf_pool_files["pretrained"], hf_pool_files["experts"])
 
 
 def method(**kw) -> AdaMerging:

@@ -98,16 +98,6 @@ def test_gram_recorder_sees_the_true_layer_inputs():
     torch.testing.assert_close(grams["blk.fc.weight"], flat.T @ flat / 15)
 
 
-@pytest.fixture(scope="module")
-def open_clip_pool(open_clip_pool_files):
-    from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
-
-    f = open_clip_pool_files
-    return OpenCLIPModelPool(
-        f["model_name"], f["pretrained"], f["experts"], model_config=f["config"]
-    )
-
-
 def test_gram_recorder_covers_every_linear_layer_of_both_towers(open_clip_pool, hf_pool_files):
     from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
 
@@ -199,13 +189,12 @@ def test_calibration_uses_train_minus_the_carved_validation(open_clip_pool, tiny
 # -- whole methods on the tiny pools ------------------------------------------------------------
 def test_regmean_and_regmean_plusplus_of_one_expert_return_it(open_clip_files_one):
     from fusion_bench.method.regmean import RegMean
-    from fusion_bench.method.regmean_plusplus import RegMeanPlusPlus
 
     pool, datasets = open_clip_files_one
     expert = pool.expert("mnist")
     for method in (
         RegMean(num_regmean_examples=16),
-        RegMeanPlusPlus(num_regmean_examples=16),
+        RegMean(num_regmean_examples=16, blockwise=True),
     ):
         merged = method.merge(pool, TaskData(datasets=datasets), Context())
         assert_state_dict_close(merged, {k: expert[k] for k in expert}, atol=1e-4, rtol=1e-4)
@@ -247,7 +236,6 @@ def test_regmean_plusplus_equals_regmean_when_experts_differ_only_in_the_last_bl
     from safetensors.torch import save_file
 
     from fusion_bench.method.regmean import RegMean
-    from fusion_bench.method.regmean_plusplus import RegMeanPlusPlus
     from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
 
     pre = open_clip_pool.pretrained()
@@ -269,7 +257,7 @@ def test_regmean_plusplus_equals_regmean_when_experts_differ_only_in_the_last_bl
     kwargs = {"num_regmean_examples": 8, "batch_size": 8, "reduce_non_diagonal_ratio": 0.9}
     data, context = TaskData(datasets=tiny_datasets), Context()
     plain = RegMean(**kwargs).merge(pool, data, context)
-    plusplus = RegMeanPlusPlus(**kwargs).merge(pool, data, context)
+    plusplus = RegMean(blockwise=True, **kwargs).merge(pool, data, context)
     assert_state_dict_close(plusplus, plain, atol=1e-4, rtol=1e-4)
     key = "transformer.resblocks.1.mlp.c_fc.weight"  # and it is not just the average
     average = SimpleAverage().merge(pre, {t: pool.expert(t) for t in TASKS})
@@ -277,7 +265,7 @@ def test_regmean_plusplus_equals_regmean_when_experts_differ_only_in_the_last_bl
     # not vacuous: when block 0 differs too, block 1 sees other inputs in RegMean++
     plain, plusplus = (
         RegMean(**kwargs).merge(open_clip_pool, data, context),
-        RegMeanPlusPlus(**kwargs).merge(open_clip_pool, data, context),
+        RegMean(blockwise=True, **kwargs).merge(open_clip_pool, data, context),
     )
     torch.testing.assert_close(
         plusplus["transformer.resblocks.0.mlp.c_fc.weight"],

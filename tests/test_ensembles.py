@@ -25,13 +25,6 @@ def test_combination_rules_by_hand():
     )
 
 
-@pytest.fixture(scope="module")
-def hf_pool(hf_pool_files):
-    from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
-
-    return CLIPVisionModelPool(hf_pool_files["pretrained"], hf_pool_files["experts"])
-
-
 def test_ensembles_match_hand_computed_logits(hf_pool):
     torch.manual_seed(0)
     images, head = torch.randn(4, 3, 16, 16), torch.randn(16, 5)

@@ -27,7 +27,6 @@ from fusion_bench.method.base import (
     pool_experts,
 )
 from fusion_bench.method.simple_average import SimpleAverage
-from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
 from fusion_bench.paths import config_dir
 from fusion_bench.taskpool.clip_classification import CLIPClassificationTaskPool
 from fusion_bench.testing import as_experts, assert_state_dict_close
@@ -108,14 +107,10 @@ def test_every_method_runs_from_the_cli(name, open_clip_cli_args, tmp_path, caps
     assert f"== {name} ==" in out and "average" in out
 
 
-@pytest.fixture(scope="module")
-def pools(open_clip_pool_files, tiny_datasets):
-    f = open_clip_pool_files
-    modelpool = OpenCLIPModelPool(
-        f["model_name"], f["pretrained"], f["experts"], model_config=f["config"]
-    )
+@pytest.fixture
+def pools(open_clip_pool, tiny_datasets):
     taskpool = CLIPClassificationTaskPool(list(TASKS), datasets=tiny_datasets, fast_dev_run=True)
-    return modelpool, taskpool
+    return open_clip_pool, taskpool
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -6,17 +6,13 @@ import pytest
 import torch
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
 from fusion_bench.taskpool.clip_classification import CLIPClassificationTaskPool
 from tests.conftest import TASKS
 
 
 @pytest.fixture
-def pool(open_clip_pool_files):
-    f = open_clip_pool_files
-    return OpenCLIPModelPool(
-        f["model_name"], f["pretrained"], f["experts"], model_config=f["config"]
-    )
+def pool(open_clip_pool):
+    return open_clip_pool
 
 
 @pytest.fixture

@@ -53,16 +53,25 @@ class RegMean(DataMerge):
     batch_size: int = 32
     exclude_keys: list[str] = field(default_factory=list)  # fnmatch patterns kept at θ0
     seed: int = 0  # which training images
+    # RegMean++ (method=regmean_plusplus): blocks merged bottom-up, each expert's layer inputs
+    # taken from the merged blocks below (fusion_bench/method/regmean_plusplus.py)
+    blockwise: bool = False
 
     def __post_init__(self):
         check_ratio(self.reduce_non_diagonal_ratio)
         check_sample_size(self.num_regmean_examples, self.batch_size)
 
     def merge(self, pool, data: TaskData, context: Context) -> dict[str, Tensor]:
+        if self.blockwise:
+            from fusion_bench.method.regmean_plusplus import merge_blockwise
+
+            return merge_blockwise(self, pool, data, context.device)
         grams = self.expert_grams(pool, data, context.device)
         return self.solve(pool.pretrained(), pool_experts(pool), grams, key_progress("regmean"))
 
     def models_held(self, n_experts: int) -> float:
+        if self.blockwise:  # merged state + merged encoder + one block's Grams (+ activations)
+            return 3.0
         return 5.5  # Σ G + one expert's G (~1.7 P each for ViT-B) + Σ G Wᵀ + output + encoder
 
     # -- the maths -------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ Within a block the Grams come from the expert's own block (its attention feeds i
 FusionBench. Parameters outside the blocks (patch/position embeddings, pre/post LayerNorms,
 open_clip's ``proj``) are the simple average.
 
-Run: ``fusion_bench method=regmean_plusplus``
+Run: ``fusion_bench method=regmean_plusplus`` (``RegMean`` with ``blockwise: true``)
 Memory: the merged state dict and encoder (~2 P), one block's Grams, and every task's hidden states
 at the current depth (N × num_regmean_examples × tokens × width floats, on the CPU).
 """
@@ -22,99 +22,18 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import Context, DataMerge, pool_experts
-from fusion_bench.method.regmean import GramRecorder, RegMean, check_ratio
+from fusion_bench.method.base import pool_experts
+from fusion_bench.method.regmean import GramRecorder, RegMean
 from fusion_bench.method.simple_average import SimpleAverage
-from fusion_bench.taskpool.data import TaskData, check_sample_size
+from fusion_bench.taskpool.data import TaskData
 from fusion_bench.tensor_ops import StateDict
 
 BLOCK_LISTS = ("encoder.layers", "transformer.resblocks")  # HF CLIP, open_clip
-
-
-@dataclass(frozen=True)
-class RegMeanPlusPlus(DataMerge):
-    num_regmean_examples: int = 256  # training images per task
-    reduce_non_diagonal_ratio: float = 0.95  # α scaling off-diagonal Gram entries
-    batch_size: int = 32
-    exclude_keys: list[str] = field(default_factory=list)  # fnmatch patterns kept at θ0
-    seed: int = 0  # which training images
-
-    def __post_init__(self):
-        check_ratio(self.reduce_non_diagonal_ratio)
-        check_sample_size(self.num_regmean_examples, self.batch_size)
-
-    def models_held(self, n_experts: int) -> float:
-        return 3.0  # merged state + merged encoder + one block's Grams/copies (+ activations)
-
-    def merge(self, pool, data: TaskData, context: Context) -> dict[str, Tensor]:
-        from tqdm.auto import tqdm
-
-        device = context.device
-        pretrained, experts = pool.pretrained(), pool_experts(pool)
-        block_merge = RegMean(
-            reduce_non_diagonal_ratio=self.reduce_non_diagonal_ratio, exclude_keys=self.exclude_keys
-        )
-        # stem and head: the simple average
-        merged_state = SimpleAverage(exclude_keys=self.exclude_keys).merge(pretrained, experts)
-        encoder = pool.build_encoder(merged_state).to(device).eval()
-        classifier = pool.classifier(encoder)
-        where, blocks = transformer_blocks(encoder)
-
-        def task_images(name: str):
-            return data.images(
-                name,
-                "train",
-                classifier.preprocess,
-                self.num_regmean_examples,
-                self.batch_size,
-                self.seed,
-            )
-
-        with torch.no_grad():
-            inputs = {
-                n: first_block_inputs(classifier, blocks[0], task_images(n), device)
-                for n in experts
-            }
-            for index in tqdm(
-                range(len(blocks)), desc="regmean_plusplus", unit="block", leave=False
-            ):
-                prefix = f"{where}.{index}."
-
-                def block_grams(
-                    prefix=prefix, index=index, inputs=inputs
-                ) -> Iterator[dict[str, Tensor]]:
-                    for name, expert in experts.items():
-                        block = copy.deepcopy(blocks[index])
-                        block.load_state_dict({k: expert[prefix + k] for k in block.state_dict()})
-                        with GramRecorder(block, prefix) as recorder:
-                            for call in inputs[name]:
-                                block_forward(block, call, device)
-                        yield recorder.grams()
-
-                merged_block = block_merge.solve(
-                    Prefixed(pretrained, prefix),
-                    {n: Prefixed(e, prefix) for n, e in experts.items()},
-                    block_grams(),
-                )
-                merged_state.update(merged_block)
-                blocks[index].load_state_dict(
-                    {k.removeprefix(prefix): v for k, v in merged_block.items()}
-                )
-                if index + 1 < len(blocks):  # the next block's inputs: this merged block's outputs
-                    inputs = {
-                        n: [
-                            (block_forward(blocks[index], c, device).cpu(), c[1], c[2])
-                            for c in calls
-                        ]
-                        for n, calls in inputs.items()
-                    }
-        return merged_state
 
 
 class Prefixed(Mapping):
@@ -181,3 +100,60 @@ def block_forward(block: nn.Module, call: tuple, device) -> Tensor:
     hidden, args, kwargs = call
     out = block(hidden.to(device), *args, **kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def merge_blockwise(method: RegMean, pool, data: TaskData, device) -> dict[str, Tensor]:
+    """RegMean++: the blocks merged bottom-up, each expert's block fed the merged blocks' outputs
+    (``method``: RegMean's settings, whose closed-form solve is applied to each block)."""
+    from tqdm.auto import tqdm
+
+    pretrained, experts = pool.pretrained(), pool_experts(pool)
+    # stem and head: the simple average
+    merged_state = SimpleAverage(exclude_keys=method.exclude_keys).merge(pretrained, experts)
+    encoder = pool.build_encoder(merged_state).to(device).eval()
+    classifier = pool.classifier(encoder)
+    where, blocks = transformer_blocks(encoder)
+
+    def task_images(name: str):
+        return data.images(
+            name,
+            "train",
+            classifier.preprocess,
+            method.num_regmean_examples,
+            method.batch_size,
+            method.seed,
+        )
+
+    with torch.no_grad():
+        inputs = {
+            n: first_block_inputs(classifier, blocks[0], task_images(n), device) for n in experts
+        }
+        for index in tqdm(range(len(blocks)), desc="regmean_plusplus", unit="block", leave=False):
+            prefix = f"{where}.{index}."
+
+            def block_grams(
+                prefix=prefix, index=index, inputs=inputs
+            ) -> Iterator[dict[str, Tensor]]:
+                for name, expert in experts.items():
+                    block = copy.deepcopy(blocks[index])
+                    block.load_state_dict({k: expert[prefix + k] for k in block.state_dict()})
+                    with GramRecorder(block, prefix) as recorder:
+                        for call in inputs[name]:
+                            block_forward(block, call, device)
+                    yield recorder.grams()
+
+            merged_block = method.solve(
+                Prefixed(pretrained, prefix),
+                {n: Prefixed(e, prefix) for n, e in experts.items()},
+                block_grams(),
+            )
+            merged_state.update(merged_block)
+            blocks[index].load_state_dict(
+                {k.removeprefix(prefix): v for k, v in merged_block.items()}
+            )
+            if index + 1 < len(blocks):  # the next block's inputs: this merged block's outputs
+                inputs = {
+                    n: [(block_forward(blocks[index], c, device).cpu(), c[1], c[2]) for c in calls]
+                    for n, calls in inputs.items()
+                }
+    return merged_state
