@@ -18,7 +18,11 @@ from fusion_bench.paths import config_dir
 
 CONF = config_dir()
 GROUPS = ("method", "modelpool", "taskpool", "fabric", "logger")
-OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
+OPTIONS = [
+    (g, str(p.relative_to(CONF / g).with_suffix("")))
+    for g in GROUPS
+    for p in sorted((CONF / g).rglob("*.yaml"))
+]
 
 
 def _target(path: str):
