@@ -100,13 +100,17 @@ def add_weighted_task_vectors(
     return map_keys(pretrained, merge_key, exclude, progress)
 
 
-def task_vector_sum(experts: Mapping[str, StateDict], key: str, base: Tensor) -> Tensor:
+def task_vector_sum(
+    experts: Mapping[str, StateDict], key: str, base: Tensor, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """Σ_i (θ_i[key] − θ0[key]) for one key (``base`` = θ0[key] in float32), one expert at a time
-    through one reused buffer."""
-    total = torch.zeros_like(base)
-    tau = torch.empty_like(base)
+    through one reused buffer, accumulated in ``dtype`` (float64: the exact sum of the float32
+    differences, for what amplifies rounding, such as an ill-conditioned SVD)."""
+    total = torch.zeros_like(base, dtype=dtype)
+    tau = torch.empty_like(base, dtype=dtype)
+    base = base.to(dtype)
     for name, expert in experts.items():
-        total += torch.sub(expert_tensor(expert, key, base, name), base, out=tau)
+        total += torch.sub(expert_tensor(expert, key, base, name).to(dtype), base, out=tau)
     return total
 
 
@@ -236,13 +240,13 @@ def kth_smallest_magnitudes(
     return out
 
 
-# --- Spectral pieces: what TSV-M and Iso-C are built from ---
+# --- Work spread over cores (the spectral kernel, fusion_bench/spectral.py, runs on it) ---
 
 
 def parallel_map(fn: Callable, items: Sequence) -> list:
     """``[fn(x) for x in items]`` on as many threads as torch uses, each running torch on one
     thread. For work dominated by LAPACK eigensolvers, which run single-threaded here (see
-    :func:`_gram_spectrum`): independent decompositions then use all cores (measured on 2 cores: the
+    :mod:`fusion_bench.spectral`): independent decompositions then use all cores (measured on 2 cores: the
     eigen-decompositions of TSV-M / Iso-C about twice as fast)."""
     threads = torch.get_num_threads()
     workers = min(threads, len(items))
@@ -258,61 +262,3 @@ def parallel_map(fn: Callable, items: Sequence) -> list:
             return list(pool.map(run, items))
     finally:
         torch.set_num_threads(threads)
-
-
-def _gram_spectrum(a: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
-    """The SVD of the 2-D tensor ``a`` from the eigen-decomposition, in float64, of its smaller
-    Gram matrix: ``(a64, s, inv, vectors, wide)`` with ``a64`` = ``a`` in float64, ``s`` the
-    singular values (descending), ``inv`` = 1/s where s is numerically non-zero (relative to the
-    largest) and 0 elsewhere, and the eigenvectors: the left singular vectors when ``wide``
-    (m ≤ n), the right ones otherwise."""
-    a64 = a.to(torch.float64)
-    wide = a.shape[0] <= a.shape[1]
-    gram = a64 @ a64.T if wide else a64.T @ a64
-    # LAPACK's eigensolver on one thread: with two OpenMP threads and one core busy elsewhere it
-    # measured 100x slower (11.5 s instead of 0.11 s for 768×768), and idle it gains little.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        values, vectors = torch.linalg.eigh(gram)
-    finally:
-        torch.set_num_threads(threads)
-    values, vectors = values.flip(0).clamp(min=0.0), vectors.flip(1)
-    s = values.sqrt()
-    nonzero = values > values[0] * values.numel() * 1e-13 if values.numel() else values > 0
-    inv = torch.where(nonzero, 1.0 / s.clamp(min=1e-300), 0.0)
-    return a64, s, inv, vectors, wide
-
-
-def top_singular_triplets(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The ``k`` largest singular triplets of the 2-D tensor ``a``: ``U`` (m×k), ``s`` (k),
-    ``Vh`` (k×n), float32, like ``torch.linalg.svd(a, full_matrices=False)`` truncated to k.
-
-    Computed from the eigen-decomposition of the smaller Gram matrix in float64 (measured on 2
-    CPU cores: 1.8× faster than a full float32 SVD for a 3072×768 matrix, reconstruction within
-    2e-5 of it); the float64 Gram keeps the kept triplets accurate to float32 precision. Singular
-    vectors of (numerically) zero singular values are returned as zeros: for those the SVD itself
-    is not unique.
-    """
-    a64, s, inv, vectors, wide = _gram_spectrum(a)
-    s, inv, vectors = s[:k], inv[:k], vectors[:, :k]
-    if wide:
-        u, vh = vectors * (inv > 0), (vectors.T @ a64) * inv[:, None]
-    else:
-        u, vh = (a64 @ vectors) * inv, vectors.T * (inv > 0)[:, None]
-    return u.float(), s.float(), vh.float()
-
-
-def polar_factor(a: Tensor) -> tuple[Tensor, Tensor]:
-    """The orthogonal polar factor ``U Vh`` of the 2-D tensor ``a = U diag(s) Vh`` (thin SVD)
-    and its singular values ``s`` (descending), float32.
-
-    Computed as ``a V diag(1/s) Vh`` (or ``U diag(1/s) Uᵀ a``) from the float64 eigen-decomposition
-    of the smaller Gram matrix, without forming the SVD. Directions with a (numerically) zero
-    singular value contribute nothing: there the SVD's vectors are arbitrary, so ``U Vh`` is not
-    unique either.
-    """
-    a64, s, inv, vectors, wide = _gram_spectrum(a)
-    projector = (vectors * inv) @ vectors.T
-    factor = projector @ a64 if wide else a64 @ projector
-    return factor.float(), s.float()

@@ -29,12 +29,12 @@ import torch
 from torch import Tensor
 
 from fusion_bench.method.base import Experts, Progress, StateDictMerge
+from fusion_bench.spectral import polar_factor
 from fusion_bench.tensor_ops import (
     StateDict,
     is_excluded,
     map_keys,
     parallel_map,
-    polar_factor,
     task_vector_sum,
 )
 
@@ -49,22 +49,23 @@ class IsoC(StateDictMerge):
     def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
         alpha = self.scaling_factor
         window = 2 * torch.get_num_threads()  # 2-D keys summed, then decomposed together
-        waiting: list[tuple[Tensor, Tensor]] = []  # (θ0, Σ τ) of 2-D keys not yet flattened
+        # (θ0, float64 Σ τ, output tensor) of the 2-D keys not yet flattened
+        waiting: list[tuple[Tensor, Tensor, Tensor]] = []
 
-        def flatten(item: tuple[Tensor, Tensor]) -> None:  # Σ τ becomes θ0 + α s̄ U Vᵀ, in place
-            base, total = item
+        def flatten(item: tuple[Tensor, Tensor, Tensor]) -> None:  # out = θ0 + α s̄ U Vᵀ
+            base, total, out = item
             orthogonal, singular_values = polar_factor(total)
-            total.copy_(base + (alpha * singular_values.mean()) * orthogonal)
+            out.copy_(base + (alpha * singular_values.mean()) * orthogonal)
 
         def merge_key(key: str, base: Tensor) -> Tensor:
-            total = task_vector_sum(experts, key, base)
             if base.dim() != 2 or is_excluded(key, self.average_keys):
-                return base + alpha * (total / len(experts))
-            waiting.append((base, total))  # the output holds ``total``; flattened in place later
+                return base + alpha * (task_vector_sum(experts, key, base) / len(experts))
+            out = torch.empty_like(base)  # filled when its window is decomposed
+            waiting.append((base, task_vector_sum(experts, key, base, torch.float64), out))
             if len(waiting) >= window:
                 parallel_map(flatten, waiting)
                 waiting.clear()
-            return total
+            return out
 
         out = map_keys(pretrained, merge_key, self.exclude_keys, progress)
         parallel_map(flatten, waiting)

@@ -32,15 +32,14 @@ from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.base import Experts, Progress, StateDictMerge
+from fusion_bench.spectral import polar_factor, top_singular_triplets
 from fusion_bench.tensor_ops import (
     StateDict,
     expert_tensor,
     is_excluded,
     map_keys,
     parallel_map,
-    polar_factor,
     task_vector_sum,
-    top_singular_triplets,
 )
 
 
@@ -69,12 +68,13 @@ class TsvM(StateDictMerge):
                     f"task for '{key}' ({m}×{n}): merge fewer experts, or add '{key}' to "
                     "method.average_keys to average it instead."
                 )
-            u_all = torch.zeros(m, r)
-            s_all = torch.zeros(r)
-            v_all = torch.zeros(r, n)
+            f64 = torch.float64  # stacked and orthogonalised in float64: see spectral.polar_factor
+            u_all = torch.zeros(m, r, dtype=f64)
+            s_all = torch.zeros(r, dtype=f64)
+            v_all = torch.zeros(r, n, dtype=f64)
 
             def compress(name: str):  # TSV-C of one task: its top-k singular triplets
-                tau = expert_tensor(experts[name], key, base, name) - base
+                tau = expert_tensor(experts[name], key, base, name).to(f64) - base.to(f64)
                 return top_singular_triplets(tau, k)
 
             for t, (u, s, vh) in enumerate(parallel_map(compress, names)):
@@ -82,6 +82,6 @@ class TsvM(StateDictMerge):
                 s_all[t * k : (t + 1) * k] = s
                 v_all[t * k : (t + 1) * k] = vh
             (u_orth, _), (v_orth, _) = parallel_map(polar_factor, [u_all, v_all])
-            return base + self.scaling_factor * ((u_orth * s_all) @ v_orth)
+            return base + self.scaling_factor * ((u_orth * s_all) @ v_orth).float()
 
         return map_keys(pretrained, merge_key, self.exclude_keys, progress)
