@@ -169,8 +169,18 @@ def startup(runs: int) -> dict:
     return {name: summarize(s) for name, s in samples.items()}
 
 
+REFERENCE_METHODS = ("task_arithmetic", "tsv_m", "iso_c")  # benchmarks/fusionbench_reference.py
+
+
 def merges(
-    pool: Path, n: int, cases: list[Case], runs: int, out_root: Path, log, warmup: bool = True
+    pool: Path,
+    n: int,
+    cases: list[Case],
+    runs: int,
+    out_root: Path,
+    log,
+    warmup: bool = True,
+    reference_python: str | None = None,
 ) -> dict:
     naive_out = out_root / "naive" / "model.safetensors"
     naive_cmd = [PY, str(HERE / "naive_sum.py"), str(pool), str(n), str(naive_out)]
@@ -191,6 +201,17 @@ def merges(
             case.save,
         ]
         jobs[case.label] = cmd
+        if reference_python and case.label in REFERENCE_METHODS:  # FusionBench, same run
+            reference = HERE / "fusionbench_reference.py"
+            ref_out = str(out_root / "reference")
+            jobs[f"{case.label} (FusionBench)"] = [
+                reference_python,
+                str(reference),
+                case.label,
+                str(pool),
+                str(n),
+                ref_out,
+            ]
     samples: dict[str, list[dict]] = {k: [] for k in jobs}
     for r in range(runs):
         for label, cmd in jobs.items():
@@ -398,6 +419,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--eval-images", type=int, default=256)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument(
+        "--reference-python",
+        default=None,
+        help="python of a venv with FusionBench (pip install fusion-bench): adds its "
+        f"{', '.join(REFERENCE_METHODS)} rows, timed in the same run",
+    )
     args = parser.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -428,7 +455,16 @@ def main(argv: list[str] | None = None) -> dict:
         for n in sorted(args.experts):
             log(f"{arch}, N={n}: {pool_bytes(pool, n) / GIB:.2f} GiB of weights")
             present = [c for c in cases if (REPO / "conf" / "method" / f"{c.conf}.yaml").is_file()]
-            rows = merges(pool, n, present, args.runs, out_root, log, not args.no_warmup)
+            rows = merges(
+                pool,
+                n,
+                present,
+                args.runs,
+                out_root,
+                log,
+                not args.no_warmup,
+                args.reference_python,
+            )
             for c in cases:
                 if c not in present:
                     rows[c.label] = {

@@ -92,7 +92,9 @@ def test_repeated_singular_values():
     o, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
     a = (3.0 * o).float()
     q, s = polar_factor(a)
-    assert rel(q, o) <= TOL and torch.allclose(s, torch.full((300,), 3.0, dtype=torch.float64), rtol=1e-6)
+    assert rel(q, o) <= TOL and torch.allclose(
+        s, torch.full((300,), 3.0, dtype=torch.float64), rtol=1e-6
+    )
     tu, ts, tvh = top_singular_triplets(a, 10)  # the top-10 of a flat spectrum: any 10 directions
     assert torch.allclose(ts, torch.full((10,), 3.0, dtype=torch.float64), rtol=1e-6)
     assert rel(tu.T @ tu, torch.eye(10)) <= TOL and rel(tvh @ tvh.T, torch.eye(10)) <= TOL
@@ -191,3 +193,46 @@ def test_tsv_m_reproduction_is_exact():
     expected = (pu @ qu * s_all) @ (pv @ qv)
     merged = fusion_bench.merge("tsv_m", pre, experts, scaling_factor=1.0, average_keys=[])
     assert rel(merged["w"].double() - pre["w"].double(), expected) <= TOL
+
+
+# -- parity at realistic size (slow: ~3 GB of state dicts, minutes of float64 SVDs) ---------------
+def b32_shaped_pool(n_experts: int = 8):
+    """The 2-D weights of a ViT-B/32 image tower (12 blocks: q, k, v, out 768×768, fc1 3072×768,
+    fc2 768×3072), experts = θ0 + a rank-8 update + dense noise (issue 18's construction)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {}
+    for layer in range(12):
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            shapes[f"encoder.layers.{layer}.self_attn.{proj}.weight"] = (768, 768)
+        shapes[f"encoder.layers.{layer}.mlp.fc1.weight"] = (3072, 768)
+        shapes[f"encoder.layers.{layer}.mlp.fc2.weight"] = (768, 3072)
+    pre = {k: torch.randn(*s, generator=g) * 0.02 for k, s in shapes.items()}
+    experts = []
+    for _ in range(n_experts):
+        expert = {}
+        for k, (m, n) in shapes.items():
+            low = torch.randn(m, 8, generator=g) @ torch.randn(8, n, generator=g)
+            expert[k] = pre[k] + torch.randn(m, n, generator=g) * 2e-4 + low * 2e-3 / math.sqrt(8)
+        experts.append(expert)
+    return pre, experts
+
+
+@pytest.mark.slow
+def test_b32_shaped_pool_matches_the_float64_restatement():
+    pre, experts = b32_shaped_pool()
+    iso = fusion_bench.merge("iso_c", pre, experts, average_keys=[])
+    tsv = fusion_bench.merge("tsv_m", pre, experts, average_keys=[])
+    checked = [k for k in pre if k.startswith(("encoder.layers.0.", "encoder.layers.11."))]
+    for key in checked:
+        taus = [e[key].double() - pre[key].double() for e in experts]
+        u, s, vh = reference_svd(sum(taus))
+        assert rel(iso[key].double() - pre[key].double(), s.mean() * u @ vh) <= TOL, key
+        k = min(pre[key].shape) // len(taus)
+        parts = [reference_svd(t) for t in taus]
+        u_all = torch.cat([p[0][:, :k] for p in parts], 1)
+        s_all = torch.cat([p[1][:k] for p in parts])
+        v_all = torch.cat([p[2][:k] for p in parts], 0)
+        pu, _, qu = reference_svd(u_all)
+        pv, _, qv = reference_svd(v_all)
+        expected = (pu @ qu * s_all) @ (pv @ qv)
+        assert rel(tsv[key].double() - pre[key].double(), expected) <= TOL, key
