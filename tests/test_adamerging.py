@@ -166,8 +166,8 @@ def test_cli_sweep(cli_args, tmp_path, capsys):
     )
     assert code == 0, err
     assert sorted(p.parent.name for p in sweep.glob("*/adamerging_weights.safetensors")) == [
-        "0",
-        "1",
+        "0-adamerging_layer_wise",
+        "1-adamerging_layer_wise",
     ]
     assert len(list(sweep.glob("*/report.json"))) == 2
 

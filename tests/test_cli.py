@@ -137,7 +137,8 @@ def test_multirun_sweep_and_report(hf_cli_args, tmp_path, capsys):
     )
     assert code == 0, err
     reports = sorted(sweep.glob("*/report.json"))
-    assert [p.parent.name for p in reports] == ["0", "1"]  # keyed by job number
+    # keyed by job number (and the job's method)
+    assert [p.parent.name for p in reports] == ["0-task_arithmetic", "1-task_arithmetic"]
     assert report_main([str(sweep), "--csv", str(tmp_path / "t.csv")]) == 0
     out = capsys.readouterr().out
     assert "Best by validation/avg_acc" in out
@@ -190,3 +191,45 @@ def test_console_script_help_is_fast_and_lists_groups():
     assert proc.returncode == 0, proc.stderr
     for group in ("method", "modelpool", "taskpool", "suite", "logger"):
         assert f"{group}:" in proc.stdout
+
+
+def readme_block(marker: str) -> list[str]:
+    """The lines of the README's bash block that contains ``marker``."""
+    import re
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, re.S) if marker in b)
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def test_readme_sweep_and_report_run_verbatim_from_an_empty_directory(tmp_path):
+    """The README's sweep line and report line, as a user types them, in a fresh directory (the
+    console scripts in subprocesses; no hydra.sweep.dir: that is what crashed every sweep)."""
+    import shlex
+
+    lines = readme_block("fusion_bench -m ")
+    sweep_line = next(line for line in lines if line.startswith("fusion_bench -m "))
+    report_line = next(line for line in lines if line.startswith("fusion_bench-report "))
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    # Added to the README's line, and only these: one batch per task and no W&B files (time).
+    extra = ["fast_dev_run=true", "logger=none"]
+    argv = shlex.split(sweep_line)
+    proc = subprocess.run(
+        [str(bin_dir / argv[0]), *argv[1:], *extra],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "multirun").iterdir()  # multirun/<timestamp>
+    jobs = sorted(p.parent.name for p in sweep.glob("*/report.json"))
+    assert jobs == [f"{i}-task_arithmetic" for i in range(5)]
+    argv = shlex.split(report_line.replace("<timestamp>", sweep.name))
+    proc = subprocess.run(
+        [str(bin_dir / argv[0]), *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Best by validation/avg_acc" in proc.stdout
