@@ -68,6 +68,9 @@ CASES = [
     Case("model_stock", "model_stock", streaming=False),  # holds the N tensors of one key
     Case("tsv_m", "tsv_m"),  # per key: U, s, V of one tensor, whatever N
     Case("iso_c", "iso_c"),  # per key: one running sum and its Gram matrix
+    # continual: experts absorbed one at a time; the state is one running update
+    Case("continual/task_arithmetic", "continual/task_arithmetic", default=False),
+    Case("continual/opcm", "continual/opcm", default=False),
     # the runner's way of saving (CLIPVisionModel.save_pretrained via modelpool.save)
     Case(
         "task_arithmetic (save_pretrained)", "task_arithmetic", ["scaling_factor=0.3"], save="pool"

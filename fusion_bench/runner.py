@@ -20,7 +20,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import KIND_GIVES, STATE_DICT_KINDS, Context, build_classifiers
+from fusion_bench.method.base import (
+    KIND_GIVES,
+    STATE_DICT_KINDS,
+    Context,
+    build_classifiers,
+    check_finite,
+)
+from fusion_bench.sequence import arrival_order, run_sequence, summarize, write_plot
 from fusion_bench.tensor_ops import check_same_architecture
 
 log = logging.getLogger("fusion_bench")
@@ -84,10 +91,35 @@ def run(cfg: DictConfig) -> dict:
             )
         timings["load_s"] = time.perf_counter() - t
 
+        sequence = cfg.get("sequence") or {}
+        if method.kind == "sequential":  # the arrival order, checked before any work
+            order = arrival_order(
+                modelpool.expert_names, sequence.get("order"), sequence.get("shuffle_seed")
+            )
+            log.info("sequence: %s", order)
+
         # 3. merge: what the method gives depends on its kind (see fusion_bench.method.base)
         t = time.perf_counter()
         context = Context(fabric, output_dir(cfg), bool(cfg.fast_dev_run))
-        model, merged = build_classifiers(method, modelpool, taskpool.data, context, method_name)
+        if method.kind == "sequential":  # the sequential protocol: evaluated after each expert
+            merged, step_metrics = run_sequence(
+                method,
+                modelpool,
+                taskpool,
+                fabric,
+                order,
+                bool(sequence.get("evaluate_every_step", True)),
+                step_saver(cfg, modelpool, fabric) if sequence.get("save_every_step") else None,
+                lambda line: print(line) if fabric.is_global_zero else None,
+                lambda metrics, step: [lg.log_metrics(metrics, step=step) for lg in loggers],
+                context,
+            )
+            check_finite(merged)
+            model = modelpool.classifier(modelpool.build_encoder(merged))
+        else:
+            model, merged = build_classifiers(
+                method, modelpool, taskpool.data, context, method_name
+            )
         timings["merge_s"] = time.perf_counter() - t
         log.info("merged in %.2f s", timings["merge_s"])
 
@@ -98,8 +130,19 @@ def run(cfg: DictConfig) -> dict:
         # With several processes (fabric.devices > 1) every rank evaluates the same merged model;
         # only rank 0 prints, saves and writes the report (Lightning loggers are rank-0 only).
         outputs = fabric.is_global_zero
+        continual = None
+        if method.kind == "sequential":
+            continual = continual_summary(
+                order, step_metrics, metrics, taskpool, fabric, model, sequence, loggers
+            )
         if outputs:
             print(format_table(metrics, taskpool.tasks, taskpool.splits, title=method_name))
+            if continual and "bwt" in continual:
+                for split in taskpool.splits:
+                    print(
+                        f"continual ({split}): final average {100 * continual['final_avg_acc'][split]:.2f}%"
+                        f", backward transfer {100 * continual['bwt'][split]:+.2f} points"
+                    )
 
         # 5. outputs
         for logger in loggers:
@@ -121,11 +164,15 @@ def run(cfg: DictConfig) -> dict:
             "overrides": hydra_overrides(),
             "config": OmegaConf.to_container(cfg, resolve=True),
             "metrics": metrics,
+            **({"continual": continual} if continual else {}),
             "timings": timings,
             "memory": peak_memory(),
             "modelpool": modelpool.describe(),
             "environment": environment(),
         }
+        if continual and "steps" in continual and outputs and output_dir(cfg) is not None:
+            plot = write_plot(continual, taskpool.splits, output_dir(cfg) / "continual.svg")
+            log.info("accuracy vs step: %s", plot)
         if cfg.report_save_path and outputs:
             path = Path(cfg.report_save_path)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +210,39 @@ def validate_pool(modelpool) -> None:
     pretrained = modelpool.pretrained()
     for name in modelpool.expert_names:
         check_same_architecture(pretrained, modelpool.expert(name), name)
+
+
+def continual_summary(order, step_metrics, metrics, taskpool, fabric, model, sequence, loggers):
+    """The sequential protocol's report: per step, final average and BWT over the seen tasks."""
+    if not sequence.get("evaluate_every_step", True):
+        return {"order": list(order)}
+    seen = [task for task in order if task in taskpool.tasks]
+    if seen == [task for task in taskpool.tasks if task in order] and len(seen) == len(
+        taskpool.tasks
+    ):
+        last = metrics  # the final evaluation covers exactly the seen tasks
+    else:
+        last = taskpool.evaluate(model, fabric, tasks=seen) if seen else {}
+    for logger in loggers:
+        logger.log_metrics({f"continual/{k}": v for k, v in last.items()}, step=len(order))
+    return summarize(order, [*step_metrics, last], taskpool.splits)
+
+
+def step_saver(cfg: DictConfig, modelpool, fabric):
+    """Writes each step's merged model to <run dir>/steps/<step>-<expert> (rank 0)."""
+    root = output_dir(cfg)
+    if root is None:
+        raise FusionBenchError(
+            "sequence.save_every_step needs a run directory (run it from the CLI)."
+        )
+
+    def save(step: int, name: str, state) -> None:
+        if fabric.is_global_zero:
+            path = root / "steps" / f"{step}-{name}"
+            path.mkdir(parents=True, exist_ok=True)
+            modelpool.save({k: state[k] for k in state}, path, f"# Step {step}: + {name}\n")
+
+    return save
 
 
 def output_dir(cfg: DictConfig) -> Path | None:

@@ -135,7 +135,7 @@ def test_every_method_runs_through_the_python_api(name, pools):
 class RunningAverage(SequentialMerge[tuple[dict, int]]):
     """θ_t = θ_{t-1} + (θ_new − θ_{t-1}) / t: after the last expert, the simple average."""
 
-    def start(self, pretrained):
+    def start(self, pretrained, context=None):
         return {k: v.float().clone() for k, v in pretrained.items()}, 0
 
     def absorb(self, state, name, expert):

@@ -7,7 +7,7 @@ do from ``method.kind``, never from the type of a result.
 |---------------|-------------------|----------------------------------------------------|------------------------|
 | ``merge``     | StateDictMerge    | ``merge(pretrained, experts, progress)``           | merged state dict      |
 | ``data_merge``| DataMerge         | ``merge(pool, data, context)``                     | merged state dict      |
-| ``sequential``| SequentialMerge   | ``start(pretrained)``, ``absorb(state, name, expert)``, ``merged(state)`` | merged state dict after each expert |
+| ``sequential``| SequentialMerge   | ``start(pretrained, context)``, ``absorb(state, name, expert)``, ``merged(state)`` | merged state dict after each expert |
 | ``per_task``  | PerTaskMethod     | ``models(pool)``                                   | {task: state dict}     |
 | ``routed``    | RoutedMethod      | ``build(pool, data, context)``                     | :class:`RoutedModel`   |
 | ``ensemble``  | EnsembleMethod    | ``combiner(names)``                                | logits combiner        |
@@ -102,7 +102,8 @@ class SequentialMerge(Generic[State]):
 
     kind: ClassVar[Kind] = "sequential"
 
-    def start(self, pretrained: StateDict) -> State:
+    def start(self, pretrained: StateDict, context: Context | None = None) -> State:
+        """The state before any expert (``context``: the device for methods that optimise)."""
         raise NotImplementedError
 
     def absorb(self, state: State, name: str, expert: StateDict) -> State:
@@ -174,10 +175,10 @@ def pool_experts(pool: Any) -> dict[str, StateDict]:
 
 
 def merge_sequentially(
-    method: SequentialMerge, pretrained: StateDict, experts: Experts
+    method: SequentialMerge, pretrained: StateDict, experts: Experts, context: Context | None = None
 ) -> Iterator[tuple[str, StateDict]]:
     """Feed ``experts`` to ``method`` one at a time; yield ``(name, merged model)`` after each."""
-    state = method.start(pretrained)
+    state = method.start(pretrained, context)
     for name, expert in experts.items():
         state = method.absorb(state, name, expert)
         yield name, method.merged(state)
@@ -192,7 +193,8 @@ def merged_state_dict(
     if method.kind == "data_merge":
         return method.merge(pool, data, context)
     if method.kind == "sequential":
-        last = deque(merge_sequentially(method, pool.pretrained(), pool_experts(pool)), maxlen=1)
+        steps = merge_sequentially(method, pool.pretrained(), pool_experts(pool), context)
+        last = deque(steps, maxlen=1)
         if not last:
             raise FusionBenchError("A sequential merge needs at least one expert in the pool.")
         return last[0][1]
