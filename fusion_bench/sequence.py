@@ -156,9 +156,10 @@ def run_sequence(
     experts = {name: modelpool.expert(name) for name in order}
     step_metrics: list[dict] = []
     merged = None
-    for t, (name, merged) in enumerate(
-        merge_sequentially(method, modelpool.pretrained(), experts, context), start=1
-    ):
+    every_step = evaluate_every_step or save_step is not None
+    steps = merge_sequentially(method, modelpool.pretrained(), experts, context, every_step)
+    first = 1 if every_step else len(order)  # without every_step only the last model is built
+    for t, (name, merged) in enumerate(steps, start=first):
         if save_step is not None:
             save_step(t, name, merged)
         if t == len(order) or not evaluate_every_step:

@@ -288,3 +288,22 @@ def test_dop_bad_values():
     ):
         with pytest.raises(FusionBenchError, match="DOP"):
             DOP(**kwargs)
+
+
+def test_cli_without_per_step_evaluation(open_clip_cli_args, tmp_path, capsys):
+    code, out, err = run_cli(
+        [
+            *open_clip_cli_args,
+            "method=continual/task_arithmetic",
+            "sequence.evaluate_every_step=false",
+            "sequence.shuffle_seed=1",
+            "logger=none",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "step 1" not in out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert sorted(report["continual"]["order"]) == ["eurosat", "mnist"]
+    assert "steps" not in report["continual"] and not (tmp_path / "continual.svg").exists()

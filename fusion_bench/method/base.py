@@ -175,13 +175,20 @@ def pool_experts(pool: Any) -> dict[str, StateDict]:
 
 
 def merge_sequentially(
-    method: SequentialMerge, pretrained: StateDict, experts: Experts, context: Context | None = None
+    method: SequentialMerge,
+    pretrained: StateDict,
+    experts: Experts,
+    context: Context | None = None,
+    every_step: bool = True,
 ) -> Iterator[tuple[str, StateDict]]:
-    """Feed ``experts`` to ``method`` one at a time; yield ``(name, merged model)`` after each."""
+    """Feed ``experts`` to ``method`` one at a time; yield ``(name, merged model)`` after each
+    (``every_step=False``: after the last only — no intermediate model is built)."""
     state = method.start(pretrained, context)
-    for name, expert in experts.items():
-        state = method.absorb(state, name, expert)
-        yield name, method.merged(state)
+    names = list(experts)
+    for i, name in enumerate(names):
+        state = method.absorb(state, name, experts[name])
+        if every_step or i == len(names) - 1:
+            yield name, method.merged(state)
 
 
 def merged_state_dict(
@@ -193,7 +200,7 @@ def merged_state_dict(
     if method.kind == "data_merge":
         return method.merge(pool, data, context)
     if method.kind == "sequential":
-        steps = merge_sequentially(method, pool.pretrained(), pool_experts(pool), context)
+        steps = merge_sequentially(method, pool.pretrained(), pool_experts(pool), context, False)
         last = deque(steps, maxlen=1)
         if not last:
             raise FusionBenchError("A sequential merge needs at least one expert in the pool.")
