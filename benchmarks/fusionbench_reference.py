@@ -18,7 +18,6 @@ import time
 T_START = time.perf_counter()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -75,13 +74,9 @@ def main() -> dict:
     state = {k: v.contiguous() for k, v in merged.state_dict().items()}
     save_file(state, str(args.out / "model.safetensors"), {"format": "pt"})
     t_save = time.perf_counter()
-    phases = {
-        "imports_s": t_imports - T_START,
-        "merge_s": t_merge - t_imports,
-        "save_s": t_save - t_merge,
-    }
-    print(json.dumps(phases))
-    return phases
+    from merge_once import print_phases  # this folder (no fusion_bench import at module level)
+
+    return print_phases(T_START, t_imports, t_merge, t_save)
 
 
 if __name__ == "__main__":

@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
         save_safetensors(result, args.out / "model.safetensors", {"format": "pt"})
     t_save = time.perf_counter()
 
-    phases = {
-        "imports_s": t_imports - T_START,
-        "merge_s": t_merge - t_imports,
-        "save_s": t_save - t_merge,
-    }
+    return print_phases(T_START, t_imports, t_merge, t_save)
+
+
+def print_phases(start: float, imports: float, merge: float, save: float) -> dict:
+    """The in-process phase times, printed as the last stdout line (JSON) for the harness."""
+    phases = {"imports_s": imports - start, "merge_s": merge - imports, "save_s": save - merge}
     print(json.dumps(phases))
     return phases
 

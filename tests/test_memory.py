@@ -1,6 +1,7 @@
 """Peak memory of the streaming merges does not grow with the number of experts.
 
-Task arithmetic and TIES merge 4 and then 16 experts of a small model (1M float32 parameters,
+Task arithmetic, TIES and the continual merges (OPCM, continual task arithmetic: experts absorbed
+one at a time) merge 4 and then 16 experts of a small model (1M float32 parameters,
 4 MiB per expert, safetensors files) through ``fusion_bench.merge`` on file paths, each in a fresh
 Python process, which reports how far the merge raised its peak RSS. A method that held every
 expert would need 12 × 4 = 48 MiB more for 16 experts than for 4; the test allows a tenth of that
@@ -29,6 +30,7 @@ EXPERT_MIB = N_KEYS * SHAPE[0] * SHAPE[1] * 4 / 2**20
 PROBE = """
 import json, sys
 import torch, fusion_bench.api, fusion_bench.method.task_arithmetic, fusion_bench.method.ties_merging
+import fusion_bench.method.continual.opcm, fusion_bench.method.continual.task_arithmetic
 import fusion_bench.modelpool.clip_vision, fusion_bench.modelpool.open_clip, tqdm.auto
 
 def kib(field):
@@ -96,7 +98,10 @@ def merge_mib(method: str, pretrained: str, experts: list[str]) -> float:
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status (Linux)")
-@pytest.mark.parametrize("method", ["task_arithmetic", "ties_merging"])
+@pytest.mark.parametrize(
+    "method",
+    ["task_arithmetic", "ties_merging", "continual/opcm", "continual/task_arithmetic"],
+)
 def test_peak_rss_does_not_grow_with_experts(method, checkpoints):
     pretrained, experts = checkpoints
     few, many = merge_mib(method, pretrained, experts[:4]), merge_mib(method, pretrained, experts)
