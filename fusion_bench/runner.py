@@ -223,9 +223,12 @@ def continual_summary(order, step_metrics, metrics, taskpool, fabric, model, seq
         last = metrics  # the final evaluation covers exactly the seen tasks
     else:
         last = taskpool.evaluate(model, fabric, tasks=seen) if seen else {}
+    summary = summarize(order, [*step_metrics, last], taskpool.splits)
+    final = {f"continual/{k}": v for k, v in last.items()}
+    final |= {f"continual/{split}/bwt": v for split, v in summary["bwt"].items()}
     for logger in loggers:
-        logger.log_metrics({f"continual/{k}": v for k, v in last.items()}, step=len(order))
-    return summarize(order, [*step_metrics, last], taskpool.splits)
+        logger.log_metrics(final, step=len(order))
+    return summary
 
 
 def step_saver(cfg: DictConfig, modelpool, fabric):

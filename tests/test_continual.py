@@ -199,13 +199,16 @@ def test_cli_runs_the_sequential_protocol(open_clip_cli_args, tmp_path, capsys):
             "method=continual/opcm",
             "sequence.order=[eurosat,mnist]",
             "sequence.save_every_step=true",
-            "logger=none",
+            "logger=csv",
             f"hydra.run.dir={tmp_path}",
         ],
         capsys,
     )
     assert code == 0, err
     assert "step 1: + eurosat" in out and "backward transfer" in out
+    (logged,) = tmp_path.rglob("metrics.csv")  # per step and final, with BWT, to the logger
+    header = logged.read_text().splitlines()[0]
+    assert "continual/test/eurosat/acc" in header and "continual/test/bwt" in header
     report = json.loads((tmp_path / "report.json").read_text())
     continual = report["continual"]
     assert continual["order"] == ["eurosat", "mnist"]
