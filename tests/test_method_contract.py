@@ -228,3 +228,24 @@ def test_method_instances_and_hyperparameters_do_not_mix(pools):
     pre = {"w": torch.zeros(2)}
     out = fusion_bench.merge(SimpleAverage(), pre, as_experts([{"w": torch.ones(2)}]))
     assert torch.equal(out["w"], torch.ones(2))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_a_value_of_the_wrong_type_names_the_option(name):
+    """Every typed option refuses a string where it wants a number (and a number where it wants a
+    list), with the option's name — not an error from inside the maths later (issue 11)."""
+    method, _ = build_method(name, REQUIRED.get(name, {}))
+    fields = [f for f in dataclasses.fields(method) if f.init]
+    if not fields:
+        return
+    for f in fields:
+        wrong = 3.5 if "list" in str(f.type) and "float" not in str(f.type) else "abc"
+        if "str" in str(f.type) and "list" not in str(f.type):
+            continue  # a string is a valid value; the method's own check names bad choices
+        with pytest.raises(FusionBenchError, match=rf"method\.{f.name}="):
+            build_method(name, {**REQUIRED.get(name, {}), f.name: wrong})
+
+
+def test_nan_hyperparameters_are_refused():
+    with pytest.raises(FusionBenchError, match="scaling_factor is NaN"):
+        build_method("task_arithmetic", {"scaling_factor": float("nan")})

@@ -69,7 +69,23 @@ class Context:
 
 
 # -- the kinds -----------------------------------------------------------------------------------
-class StateDictMerge:
+class Hyperparameters:
+    """Behind every kind: a method's fields are type-checked against their annotations (the
+    constructor is the schema) before its own ``__post_init__`` checks run."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+
+        def __post_init__(self):
+            check_hyperparameters(self)
+            if own is not None:
+                own(self)
+
+        cls.__post_init__ = __post_init__
+
+
+class StateDictMerge(Hyperparameters):
     """Data-free merge of state dicts. Streams key by key where the algorithm allows."""
 
     kind: ClassVar[Kind] = "merge"
@@ -83,7 +99,7 @@ class StateDictMerge:
         return 1.0  # the output; per-key temporaries are negligible
 
 
-class DataMerge:
+class DataMerge(Hyperparameters):
     """A merge that uses task data (calibration statistics, test-time adaptation)."""
 
     kind: ClassVar[Kind] = "data_merge"
@@ -95,7 +111,7 @@ class DataMerge:
         raise NotImplementedError
 
 
-class SequentialMerge(Generic[State]):
+class SequentialMerge(Hyperparameters, Generic[State]):
     """Experts arrive one at a time and are absorbed into a running state; the merged model is
     available after every step (continual merging). The default memory is θ0 + the merged
     model + one expert, whatever the number of experts."""
@@ -116,7 +132,7 @@ class SequentialMerge(Generic[State]):
         return 2.0
 
 
-class PerTaskMethod:
+class PerTaskMethod(Hyperparameters):
     """One model per task (the task id picks the model at inference)."""
 
     kind: ClassVar[Kind] = "per_task"
@@ -137,7 +153,7 @@ class RoutedModel(nn.Module):
         return sum(p.numel() for p in self.parameters()) + sum(b.numel() for b in self.buffers())
 
 
-class RoutedMethod:
+class RoutedMethod(Hyperparameters):
     """Builds a :class:`RoutedModel` from the pool (and task data, for trained routers)."""
 
     kind: ClassVar[Kind] = "routed"
@@ -149,7 +165,7 @@ class RoutedMethod:
         raise NotImplementedError
 
 
-class EnsembleMethod:
+class EnsembleMethod(Hyperparameters):
     """Not a merge: all experts run on every image and their logits are combined."""
 
     kind: ClassVar[Kind] = "ensemble"
@@ -295,3 +311,59 @@ def per_expert(value: float | Sequence[float], names: Sequence[str], option: str
             "value, or one per expert in the pool's order."
         )
     return values
+
+
+# -- the schema, checked ------------------------------------------------------------------------------
+def check_hyperparameters(method: Any, label: str = "method") -> None:
+    """Every field of a method dataclass has its declared type (the constructor is the schema):
+    ``method.scaling_factor=abc`` fails here, naming the option, not deep inside the maths."""
+    import dataclasses
+    import math
+    import typing
+
+    if not dataclasses.is_dataclass(method):
+        return
+    hints = typing.get_type_hints(type(method))
+    for f in dataclasses.fields(method):
+        if not f.init or f.name not in hints:
+            continue
+        value = getattr(method, f.name)
+        if not _conforms(value, hints[f.name]):
+            raise FusionBenchError(
+                f"{label}.{f.name}={value!r} is not a valid {_describe(hints[f.name])}: fix the "
+                f"value of {f.name} (see conf/method/ for its default and meaning)."
+            )
+        if isinstance(value, float) and math.isnan(value):
+            raise FusionBenchError(f"{label}.{f.name} is NaN: give a number.")
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_conforms(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, Sequence):
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return isinstance(value, (list, tuple)) and all(_conforms(v, item) for v in value)
+    if origin in (dict, Mapping):
+        key, item = typing.get_args(hint) or (Any, Any)
+        return isinstance(value, Mapping) and all(
+            _conforms(k, key) and _conforms(v, item) for k, v in value.items()
+        )
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # anything more exotic is the method's own check
+
+
+def _describe(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
