@@ -78,6 +78,10 @@ def merge(
         raise FusionBenchError(
             f"save_to '{save_to}' exists. Choose another path, or pass overwrite=True to replace it."
         )
+    if save_to is not None:  # before the merge, not after it
+        from fusion_bench.checkpoint import check_writable
+
+        check_writable(Path(save_to).parent, "save_to", "Choose another save_to.")
     pool = as_pool(pretrained, finetuned, method)
     context = Context(fabric=fabric)
     state = merged_state_dict(instance, pool, as_task_data(data), context, method)
@@ -91,7 +95,16 @@ def merge(
             "fusion_bench_method": method,
             "hyperparameters": json.dumps(config, default=str),
         }
-        save_safetensors(state, Path(save_to), metadata)
+        try:
+            save_safetensors(state, Path(save_to), metadata)
+        except OSError as e:  # the merge is done: return it rather than lose it
+            import warnings
+
+            warnings.warn(
+                f"fusion_bench.merge: saving to '{save_to}' failed ({e}); the merged state dict "
+                "is returned, unsaved.",
+                stacklevel=2,
+            )
     return state
 
 

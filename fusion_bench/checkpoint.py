@@ -315,5 +315,63 @@ def save_safetensors(
 ) -> None:
     from safetensors.torch import save_file
 
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    write_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata))
+
+
+# -- atomic outputs ---------------------------------------------------------------------------------
+def _partial(path: Path) -> Path:
+    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+
+
+def _ordinary_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_atomically(path: Path, write) -> None:
+    """``write(tmp_path)`` then rename onto ``path``: a reader never sees a half-written file,
+    and a failure (full disk, kill) leaves ``path`` as it was and no stray temporary file (one
+    left by a killed process is named ``.<name>.partial-<pid>`` and removed by the next write).
+    The file gets the ordinary mode (0666 less the umask)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, str(path), metadata)
+    for stale in path.parent.glob(f".{path.name}.partial-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if not (pid.isdigit() and _alive(int(pid))):
+            stale.unlink(missing_ok=True)
+    tmp = _partial(path)
+    try:
+        write(tmp)
+        os.chmod(tmp, _ordinary_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # ours, left by an earlier failed write in this process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_writable(directory: Path, what: str, fix: str) -> None:
+    """Fail before any work if files cannot be created in ``directory`` (made if missing)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".fusion_bench-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise FusionBenchError(
+            f"Cannot write {what} in '{directory}' ({e.strerror or e}). {fix}"
+        ) from None

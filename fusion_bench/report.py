@@ -19,11 +19,17 @@ from pathlib import Path
 SELECT_BY = "validation/avg_acc"
 
 
-def collect(sweep_dir: Path) -> list[dict]:
-    """One row per job report under ``sweep_dir``: its overrides and its metrics."""
+def collect(sweep_dir: Path, unreadable: list[str] | None = None) -> list[dict]:
+    """One row per job report under ``sweep_dir``: its overrides and its metrics. Reports that
+    cannot be read (empty, truncated) are skipped and listed in ``unreadable``."""
     rows = []
     for path in sorted(sweep_dir.rglob("report.json"), key=lambda p: str(p)):
-        report = json.loads(path.read_text())
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            if unreadable is not None:
+                unreadable.append(str(path))
+            continue
         if "metrics" not in report:
             continue  # a dry run
         rows.append(
@@ -34,6 +40,33 @@ def collect(sweep_dir: Path) -> list[dict]:
             }
         )
     return rows
+
+
+def expected_jobs(sweep_dir: Path) -> int | None:
+    """How many jobs the sweep launched: the product of the comma-separated values of its
+    command-line overrides (``multirun.yaml``), or None if that file is missing."""
+    import yaml
+
+    path = sweep_dir / "multirun.yaml"
+    if not path.is_file():
+        return None
+    try:
+        overrides = yaml.safe_load(path.read_text())["hydra"]["overrides"]["task"]
+    except (ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    total = 1
+    for override in overrides:
+        _, _, value = override.partition("=")
+        depth, values = 0, 1
+        for char in value:  # commas inside [...] or {...} are one value
+            if char in "[{(":
+                depth += 1
+            elif char in "]})":
+                depth -= 1
+            elif char == "," and depth == 0:
+                values += 1
+        total *= values
+    return total
 
 
 def best(rows: list[dict]) -> dict | None:
@@ -83,7 +116,17 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sweep_dir.is_dir():
         print(f"fusion_bench-report: error: '{args.sweep_dir}' is not a directory", file=sys.stderr)
         return 2
-    rows = collect(args.sweep_dir)
+    unreadable: list[str] = []
+    rows = collect(args.sweep_dir, unreadable)
+    for path in unreadable:
+        print(f"fusion_bench-report: warning: skipped unreadable report {path}", file=sys.stderr)
+    expected = expected_jobs(args.sweep_dir)
+    if expected is not None and len(rows) < expected:
+        print(
+            f"fusion_bench-report: warning: {len(rows)} of the sweep's {expected} jobs have a "
+            "report: the sweep is incomplete, and the best setting is only the best of those.",
+            file=sys.stderr,
+        )
     if not rows:
         print(
             f"fusion_bench-report: error: no report.json under '{args.sweep_dir}'. Is it the "

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
 import resource
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from fusion_bench.checkpoint import check_writable, write_atomically
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.base import (
     KIND_GIVES,
@@ -83,6 +86,7 @@ def run(cfg: DictConfig) -> dict:
             taskpool.splits,
         )
         validate_pool(modelpool)
+        preflight(cfg, taskpool)
         if cfg.merged_model_save_path and method.kind not in STATE_DICT_KINDS:
             raise FusionBenchError(
                 f"Method '{method_name}' gives {KIND_GIVES[method.kind]}, not one merged model: "
@@ -157,8 +161,6 @@ def run(cfg: DictConfig) -> dict:
                     logger.log_table(
                         key=f"{split}/per_task", columns=["task", "acc", "loss"], data=rows
                     )
-        if cfg.merged_model_save_path and outputs:
-            save_merged(modelpool, merged, Path(cfg.merged_model_save_path), cfg, metrics)
         report = {
             "method": method_name,
             "overrides": hydra_overrides(),
@@ -173,12 +175,53 @@ def run(cfg: DictConfig) -> dict:
         if continual and "steps" in continual and outputs and output_dir(cfg) is not None:
             plot = write_plot(continual, taskpool.splits, output_dir(cfg) / "continual.svg")
             log.info("accuracy vs step: %s", plot)
-        if cfg.report_save_path and outputs:
-            path = Path(cfg.report_save_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(report, indent=2, default=str))
-            log.info("report: %s", path)
+        # The report first: what was measured is kept even if saving the model fails.
+        write_report(cfg, report, outputs)
+        if cfg.merged_model_save_path and outputs:
+            try:
+                save_merged(modelpool, merged, Path(cfg.merged_model_save_path), cfg, metrics)
+            except (OSError, FusionBenchError) as e:
+                report["save_error"] = str(e)
+                write_report(cfg, report, outputs)
+                raise FusionBenchError(
+                    f"Saving the merged model to '{cfg.merged_model_save_path}' failed ({e}). "
+                    f"The metrics are kept in {cfg.report_save_path or 'the console table'}."
+                ) from e
         return report
+
+
+def write_report(cfg: DictConfig, report: dict, outputs: bool) -> None:
+    if cfg.report_save_path and outputs:
+        path = Path(cfg.report_save_path)
+        text = json.dumps(report, indent=2, default=str)
+        write_atomically(path, lambda tmp: tmp.write_text(text))
+        log.info("report: %s", path)
+
+
+def preflight(cfg: DictConfig, taskpool) -> None:
+    """Everything that can fail after the merge, checked before it: output directories are
+    writable, the head cache is writable, every evaluated dataset loads."""
+    if cfg.get("merged_model_save_path"):
+        check_writable(
+            Path(cfg.merged_model_save_path).parent,
+            "the merged model",
+            "Choose another merged_model_save_path.",
+        )
+    if cfg.get("report_save_path"):
+        check_writable(
+            Path(cfg.report_save_path).parent, "the report", "Choose another report_save_path."
+        )
+    if taskpool.data.cache_heads:
+        from fusion_bench.paths import cache_dir
+
+        check_writable(
+            cache_dir() / "heads",
+            "the zero-shot head cache",
+            "Set FUSION_BENCH_CACHE to a writable directory, or taskpool.cache_heads=false.",
+        )
+    for task in taskpool.tasks:  # memory-mapped Arrow files: cheap, and read again when evaluated
+        for split in taskpool.splits:
+            taskpool.data.load_split(task, split)
 
 
 @contextlib.contextmanager
@@ -284,9 +327,43 @@ def save_merged(modelpool, state, path: Path, cfg: DictConfig, metrics: dict) ->
             "merged model: merged_model_save_path applies only to merging methods. Remove it "
             "from the command."
         )
-    path.mkdir(parents=True, exist_ok=True)
-    modelpool.save({k: state[k] for k in state}, path, model_card(cfg, modelpool, metrics))
+    card = model_card(cfg, modelpool, metrics)
+    # Written next to the target under a temporary name, then renamed: a failure (full disk,
+    # kill) never leaves a half-written model at the path.
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        modelpool.save({k: state[k] for k in state}, tmp, card)
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                os.chmod(file, 0o666 & ~current_umask())
+        if path.exists() and (path.is_file() or any(path.iterdir())):
+            if not cfg.get("overwrite"):  # appeared while this run worked (another run?)
+                kept = path.with_name(f"{path.name}.{os.getpid()}")
+                os.replace(tmp, kept)
+                raise FusionBenchError(
+                    f"'{path}' was created while this run worked (another run?); this run's "
+                    f"merged model is kept at '{kept}'."
+                )
+            old = path.with_name(f".{path.name}.replaced-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        else:
+            if path.exists():
+                path.rmdir()  # an empty directory
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     log.info("merged model saved to %s", path)
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def model_card(cfg: DictConfig, modelpool, metrics: dict) -> str:

@@ -144,6 +144,11 @@ def test_multirun_sweep_and_report(hf_cli_args, tmp_path, capsys):
     assert "Best by validation/avg_acc" in out
     assert "method.scaling_factor=0.0" in out and "method.scaling_factor=1.0" in out
     assert (tmp_path / "t.csv").read_text().startswith("job,setting")
+    # an interrupted sweep and a truncated report: said, not a crash or a silent "best"
+    (reports[1]).write_text('{"metrics": {"test/avg')
+    assert report_main([str(sweep)]) == 0
+    err = capsys.readouterr().err
+    assert "skipped unreadable report" in err and "1 of the sweep's 2 jobs" in err
 
 
 def test_dry_run_prints_config_and_estimate(hf_cli_args, tmp_path, capsys):

@@ -1,0 +1,142 @@
+"""Finished work is not lost, and outputs are never half-written (issue 11, bugs 2 and 3):
+everything that can fail after the merge is checked before it; the report is written first and
+kept when saving the model fails; files are written under a temporary name and renamed."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from fusion_bench.checkpoint import write_atomically
+from tests.conftest import TASKS, dict_override
+from tests.test_cli import run_cli
+
+
+def umask() -> int:
+    value = os.umask(0)
+    os.umask(value)
+    return value
+
+
+def test_a_missing_dataset_of_the_last_task_fails_before_the_merge(
+    hf_cli_args, tiny_datasets, tmp_path, capsys
+):
+    datasets = {**tiny_datasets, TASKS[-1]: str(tmp_path / "gone")}
+    args = [a for a in hf_cli_args if not a.startswith("taskpool.datasets")]
+    code, out, err = run_cli(
+        [
+            *args,
+            f"taskpool.datasets={dict_override(datasets)}",
+            "logger=none",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        capsys,
+    )
+    assert code == 2 and TASKS[-1] in err and "does not exist" in err
+    assert "== task_arithmetic ==" not in out  # nothing was merged or evaluated
+
+
+def test_an_unwritable_head_cache_fails_before_the_merge(
+    hf_cli_args, tmp_path, capsys, monkeypatch
+):
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("FUSION_BENCH_CACHE", str(blocker))
+    code, out, err = run_cli([*hf_cli_args, "logger=none", f"hydra.run.dir={tmp_path}/run"], capsys)
+    assert code == 2 and "head cache" in err and "FUSION_BENCH_CACHE" in err
+    assert "== task_arithmetic ==" not in out
+
+
+def test_the_report_survives_a_failed_save(hf_cli_args, tmp_path, capsys, monkeypatch):
+    from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
+
+    def full_disk(self, state_dict, path, card):
+        (path / "config.json").write_text("{}")  # what an HF save leaves on a full disk
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(CLIPVisionModelPool, "save", full_disk)
+    run_dir, target = tmp_path / "run", tmp_path / "merged"
+    code, _, err = run_cli(
+        [
+            *hf_cli_args,
+            "logger=none",
+            f"hydra.run.dir={run_dir}",
+            f"merged_model_save_path={target}",
+        ],
+        capsys,
+    )
+    assert code == 2 and "No space left" in err and "report.json" in err
+    report = json.loads((run_dir / "report.json").read_text())
+    assert "test/avg_acc" in report["metrics"] and "No space left" in report["save_error"]
+    assert not target.exists()  # no half-written model at the path ...
+    assert not list(tmp_path.glob(".merged.partial-*"))  # ... and no temporary left behind
+
+
+def test_saved_outputs_are_whole_and_ordinary_files(hf_cli_args, tmp_path, capsys):
+    run_dir, target = tmp_path / "run", tmp_path / "merged"
+    code, _, err = run_cli(
+        [
+            *hf_cli_args,
+            "logger=none",
+            f"hydra.run.dir={run_dir}",
+            f"merged_model_save_path={target}",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    for path in [run_dir / "report.json", *target.iterdir()]:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask(), path
+    assert not list(tmp_path.glob(".*partial*")) and not list(run_dir.glob(".*partial*"))
+    # overwrite=true replaces a file or a directory at the path with the new model
+    code, _, err = run_cli(
+        [
+            *hf_cli_args,
+            "logger=none",
+            f"hydra.run.dir={tmp_path}/run2",
+            f"merged_model_save_path={target}",
+            "overwrite=true",
+        ],
+        capsys,
+    )
+    assert code == 0, err and (target / "README.md").is_file()
+
+
+def test_write_atomically_leaves_the_old_file_on_failure(tmp_path):
+    path = tmp_path / "report.json"
+    path.write_text("old")
+
+    def fail(tmp):
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        write_atomically(path, fail)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["report.json"]
+    stale = tmp_path / ".report.json.partial-999999999"  # a killed writer's leftover
+    stale.write_text("x")
+    write_atomically(path, lambda tmp: tmp.write_text("new"))
+    assert path.read_text() == "new" and not stale.exists()
+
+
+def test_the_api_returns_a_finished_merge_when_saving_fails(tmp_path, monkeypatch):
+    import torch
+
+    import fusion_bench
+    from fusion_bench import checkpoint
+    from fusion_bench.errors import FusionBenchError
+
+    pre, experts = {"w": torch.zeros(3)}, [{"w": torch.ones(3)}]
+    with pytest.raises(FusionBenchError, match="Cannot write save_to"):  # checked before merging
+        blocker = tmp_path / "file"
+        blocker.write_text("x")
+        fusion_bench.merge("simple_average", pre, experts, save_to=blocker / "out.safetensors")
+
+    def full_disk(state, path, metadata):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_safetensors", full_disk)
+    with pytest.warns(UserWarning, match="No space left"):
+        out = fusion_bench.merge("simple_average", pre, experts, save_to=tmp_path / "m.safetensors")
+    assert torch.equal(out["w"], torch.ones(3))
