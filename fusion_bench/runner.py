@@ -85,7 +85,7 @@ def run(cfg: DictConfig) -> dict:
             taskpool.tasks,
             taskpool.splits,
         )
-        validate_pool(modelpool)
+        validate_pool(modelpool, method)
         preflight(cfg, taskpool)
         if cfg.merged_model_save_path and method.kind not in STATE_DICT_KINDS:
             raise FusionBenchError(
@@ -248,8 +248,14 @@ def hydra_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def validate_pool(modelpool) -> None:
-    """Every expert has the pretrained model's keys and shapes (headers only, nothing loaded)."""
+def validate_pool(modelpool, method=None) -> None:
+    """Every expert has the pretrained model's keys and shapes (headers only, nothing loaded), and
+    there is an expert to merge (unless the method is the zero-shot baseline)."""
+    if not modelpool.expert_names and getattr(method, "needs_experts", True):
+        raise FusionBenchError(
+            "The model pool has no fine-tuned expert (modelpool.finetuned is empty): there is "
+            "nothing to merge. Add experts, or run method=pretrained for the zero-shot model."
+        )
     pretrained = modelpool.pretrained()
     for name in modelpool.expert_names:
         check_same_architecture(pretrained, modelpool.expert(name), name)

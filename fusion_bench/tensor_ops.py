@@ -44,6 +44,12 @@ def expert_tensor(expert: StateDict, key: str, like: Tensor, name: str) -> Tenso
             "fine-tuned copy of this architecture. Check the model pool entries."
         )
     t = expert[key]
+    if like.is_floating_point() and not t.is_floating_point():
+        raise FusionBenchError(
+            f"Expert '{name}' stores '{key}' as {t.dtype} where the pretrained model has floating "
+            "point: a quantised or corrupted checkpoint cannot be merged as it is. Give the "
+            "expert's floating-point weights."
+        )
     if t.shape != like.shape:
         raise FusionBenchError(
             f"Expert '{name}' has shape {tuple(t.shape)} for '{key}' but the pretrained model has "
@@ -122,6 +128,13 @@ def check_same_architecture(reference: Mapping, other: Mapping, name: str) -> No
         raise FusionBenchError(
             f"Model '{name}' lacks {len(missing)} tensors of the pretrained model (e.g. "
             f"'{missing[0]}'): it is a different architecture or model family. All experts must be "
+            "fine-tuned from the pool's pretrained model."
+        )
+    extra = sorted(other_keys - ref_keys)
+    if extra:  # merging would drop them silently (e.g. an extra transformer block)
+        raise FusionBenchError(
+            f"Model '{name}' has {len(extra)} tensors the pretrained model lacks (e.g. "
+            f"'{extra[0]}'): it is a different (larger) architecture. All experts must be "
             "fine-tuned from the pool's pretrained model."
         )
     shape = getattr(reference, "shape", None)

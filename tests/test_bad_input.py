@@ -137,3 +137,49 @@ def test_safetensors_positioned_reads_round_trip_and_truncation_after_open(tmp_p
     path.write_bytes(data[: len(data) - 100])  # the file shrinks after it was opened
     with pytest.raises(FusionBenchError, match="corrupted or truncated"):
         lazy["w"]
+
+
+def test_silent_wrong_merges_are_refused(tmp_path):
+    """Issue 11, bug 6: an extra tensor (e.g. an extra block) would be dropped, an integer tensor
+    cast; both must be errors, not a merge."""
+    import fusion_bench
+
+    pre = {"w": torch.zeros(4, 4), "b": torch.zeros(4)}
+    extra = {**pre, "blocks.12.w": torch.ones(4, 4)}
+    with pytest.raises(FusionBenchError, match="lacks.*blocks.12.w|blocks.12.w"):
+        fusion_bench.merge("task_arithmetic", pre, [extra])
+    quantised = {"w": torch.ones(4, 4, dtype=torch.int8), "b": torch.zeros(4)}
+    with pytest.raises(FusionBenchError, match="int8"):
+        fusion_bench.merge("task_arithmetic", pre, [quantised])
+
+
+def test_an_empty_pool_is_an_error_except_for_the_zero_shot_model(
+    open_clip_cli_args, tmp_path, capsys
+):
+    from tests.test_cli import run_cli
+
+    args = [a for a in open_clip_cli_args if not a.startswith("modelpool.finetuned")]
+    code, _, err = run_cli(
+        [
+            *args,
+            "modelpool.finetuned={}",
+            "modelpool.tasks=[]",
+            "logger=none",
+            f"hydra.run.dir={tmp_path}/a",
+        ],
+        capsys,
+    )
+    assert code == 2 and "no fine-tuned expert" in err
+    code, out, err = run_cli(
+        [
+            *args,
+            "modelpool.finetuned={}",
+            "modelpool.tasks=[]",
+            "method=pretrained",
+            "logger=none",
+            "fast_dev_run=true",
+            f"hydra.run.dir={tmp_path}/b",
+        ],
+        capsys,
+    )
+    assert code == 0, err

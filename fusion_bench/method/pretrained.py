@@ -7,6 +7,7 @@ Memory: the pretrained image tower, read lazily by the evaluator.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from fusion_bench.method.base import Experts, Progress, StateDictMerge
 from fusion_bench.tensor_ops import StateDict
@@ -14,6 +15,8 @@ from fusion_bench.tensor_ops import StateDict
 
 @dataclass(frozen=True)
 class Pretrained(StateDictMerge):
+    needs_experts: ClassVar[bool] = False  # the zero-shot model: no expert needed
+
     def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
         return pretrained
 
