@@ -380,8 +380,23 @@ def model_card(cfg: DictConfig, modelpool, metrics: dict) -> str:
         f"# Merged model ({cfg.get('method_name')})\n\nWritten by fusion_bench.\n\n"
         f"## Method and hyper-parameters\n\n```yaml\n{method}```\n\n"
         f"## Inputs\n\n```json\n{inputs}\n```\n\n## Accuracy\n\n| metric | value |\n|---|---|\n"
-        f"{results}\n"
+        f"{results}\n\n## Use it\n\nEvaluate it again (with the same model pool, which gives the "
+        "text tower and the zero-shot heads):\n\n```bash\n"
+        f"fusion_bench method=checkpoint method.path={cfg.merged_model_save_path} "
+        f"modelpool={choice('modelpool')} suite={choice('suite')}\n```\n\n"
+        "Load it in Python: `fusion_bench.api.load(path, 'merged')` gives the image tower's state "
+        "dict (a Hugging Face pool's directory also loads with "
+        "`transformers.CLIPVisionModel.from_pretrained(path)`).\n"
     )
+
+
+def choice(group: str) -> str:
+    """The config option chosen for ``group`` in this run (``<...>`` outside Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return str(HydraConfig.get().runtime.choices.get(group, f"<{group}>"))
+    return f"<{group}>"
 
 
 def dry_run(cfg: DictConfig) -> dict:

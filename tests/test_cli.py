@@ -238,3 +238,64 @@ def test_readme_sweep_and_report_run_verbatim_from_an_empty_directory(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "Best by validation/avg_acc" in proc.stdout
+
+
+def test_a_saved_merge_evaluates_again_with_method_checkpoint(open_clip_cli_args, tmp_path, capsys):
+    """Evaluate any checkpoint: a merge saved by one run, evaluated by the next, gives the same
+    metrics; the model card says how."""
+    merged = tmp_path / "merged"
+    code, _, err = run_cli(
+        [
+            *open_clip_cli_args,
+            "logger=none",
+            f"hydra.run.dir={tmp_path}/a",
+            f"merged_model_save_path={merged}",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "method=checkpoint method.path=" in (merged / "README.md").read_text()
+    code, _, err = run_cli(
+        [
+            *open_clip_cli_args,
+            "method=checkpoint",
+            f"method.path={merged}",
+            "logger=none",
+            f"hydra.run.dir={tmp_path}/b",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    first = json.loads((tmp_path / "a" / "report.json").read_text())["metrics"]
+    again = json.loads((tmp_path / "b" / "report.json").read_text())["metrics"]
+    assert again == pytest.approx(first, abs=1e-6)
+    code, _, err = run_cli([*open_clip_cli_args, "method=checkpoint", "logger=none"], capsys)
+    assert code == 2 and "method.path" in err
+
+
+def test_checkpoint_docs_commands_run_verbatim(tmp_path):
+    """docs/methods/baselines.md: save a tiny8 merge, evaluate it again — the two offline lines,
+    as written, in a fresh directory (the third needs a hub pool and network)."""
+    import re
+    import shlex
+
+    page = (Path(__file__).parents[1] / "docs" / "methods" / "baselines.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", page, re.S) if "checkpoint" in b)
+    lines = [line.split("#")[0].strip() for line in block.splitlines()][:2]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    reports = []
+    for i, line in enumerate(lines):
+        argv = shlex.split(line)
+        # Added, and only this: a known report path to compare the two runs.
+        extra = [f"report_save_path={tmp_path / f'report{i}.json'}"]
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / argv[0]), *argv[1:], *extra],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        reports.append(json.loads((tmp_path / f"report{i}.json").read_text())["metrics"])
+    assert reports[1] == pytest.approx(reports[0], abs=1e-6)

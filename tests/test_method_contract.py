@@ -44,7 +44,10 @@ KIND_BASES = {
     "ensemble": base.EnsembleMethod,
 }
 # Options a method cannot run without on a 2-expert pool (everything else: the YAML's defaults).
-REQUIRED = {"weighted_average": {"weights": [1.0, 1.0]}}
+REQUIRED = {
+    "weighted_average": {"weights": [1.0, 1.0]},
+    "checkpoint": {"path": "<the tiny open_clip pool's pretrained file>"},  # see required()
+}
 # Fast settings for the tiny pools (fewer samples / steps than the papers' defaults).
 FAST = {
     "fisher_merging": {"num_fisher_examples": 8, "batch_size": 4},
@@ -56,8 +59,16 @@ FAST = {
 }
 
 
-def settings(name: str) -> dict:
-    return {**REQUIRED.get(name, {}), **FAST.get(name, {})}
+def required(name: str, files: dict | None = None) -> dict:
+    """REQUIRED[name], with the placeholders that need the tiny pool's files filled in."""
+    values = dict(REQUIRED.get(name, {}))
+    if name == "checkpoint" and files is not None:
+        values["path"] = files["pretrained"]  # a whole CLIP file: its image tower is evaluated
+    return values
+
+
+def settings(name: str, files: dict | None = None) -> dict:
+    return {**required(name, files), **FAST.get(name, {})}
 
 
 def test_every_kind_is_listed_and_has_one_base():
@@ -90,8 +101,11 @@ def test_method_yaml_reads_only_its_own_group(name):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_every_method_runs_from_the_cli(name, open_clip_cli_args, tmp_path, capsys):
-    overrides = [f"method.{k}={v}".replace(" ", "") for k, v in settings(name).items()]
+def test_every_method_runs_from_the_cli(
+    name, open_clip_cli_args, open_clip_pool_files, tmp_path, capsys
+):
+    values = settings(name, open_clip_pool_files)
+    overrides = [f"method.{k}={v}".replace(" ", "") for k, v in values.items()]
     code, out, err = run_cli(
         [
             *open_clip_cli_args,
@@ -114,19 +128,20 @@ def pools(open_clip_pool, tiny_datasets):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_every_method_runs_through_the_python_api(name, pools):
+def test_every_method_runs_through_the_python_api(name, pools, open_clip_pool_files):
     modelpool, taskpool = pools
-    method, _ = build_method(name, settings(name))
+    values = settings(name, open_clip_pool_files)
+    method, _ = build_method(name, values)
     if method.kind in STATE_DICT_KINDS:
         merged = fusion_bench.merge(
-            name, modelpool, data=taskpool, fabric=None, save_to=None, **settings(name)
+            name, modelpool, data=taskpool, fabric=None, save_to=None, **values
         )
         assert set(merged) == set(modelpool.pretrained())
         assert all(t.isfinite().all() for t in merged.values() if t.is_floating_point())
     else:
         with pytest.raises(FusionBenchError, match="fusion_bench.evaluate"):
-            fusion_bench.merge(name, modelpool, **settings(name))
-    metrics = fusion_bench.evaluate(name, modelpool, taskpool, fast_dev_run=True, **settings(name))
+            fusion_bench.merge(name, modelpool, **values)
+    metrics = fusion_bench.evaluate(name, modelpool, taskpool, fast_dev_run=True, **values)
     assert set(metrics) >= {f"test/{t}/acc" for t in TASKS} | {"test/avg_acc"}
 
 
