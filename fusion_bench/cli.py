@@ -20,11 +20,13 @@ def _user_error(e: BaseException):
     return None
 
 
-def _job(cfg) -> None:
+def _job(cfg):
+    """One job; returns the run's objective (``cfg.objective``, validation average accuracy by
+    default) so that a search sweeper (``hydra/sweeper=optuna_lambda``) can maximise it."""
     try:
-        from fusion_bench.runner import run
+        from fusion_bench.runner import objective, run
 
-        run(cfg)
+        return objective(cfg, run(cfg))
     except Exception as e:
         user_error = _user_error(e)
         if user_error is None:

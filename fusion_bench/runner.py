@@ -190,6 +190,28 @@ def run(cfg: DictConfig) -> dict:
         return report
 
 
+def objective(cfg: DictConfig, report: dict) -> float | None:
+    """The metric a search sweeper maximises (``cfg.objective``). Missing under a search sweeper
+    is an error naming the fix; in other runs the job simply returns None."""
+    name = cfg.get("objective") or "validation/avg_acc"
+    value = report.get("metrics", {}).get(name)
+    if value is None and searching():
+        raise FusionBenchError(
+            f"The sweeper maximises objective '{name}', which this run did not measure: evaluate "
+            "that split (taskpool.splits=[validation,test]) or set objective=<a reported metric>."
+        )
+    return value
+
+
+def searching() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return False
+    target = str(HydraConfig.get().sweeper.get("_target_", ""))
+    return "Basic" not in target and bool(target)
+
+
 def write_report(cfg: DictConfig, report: dict, outputs: bool) -> None:
     if cfg.report_save_path and outputs:
         path = Path(cfg.report_save_path)

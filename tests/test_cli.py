@@ -299,3 +299,39 @@ def test_checkpoint_docs_commands_run_verbatim(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         reports.append(json.loads((tmp_path / f"report{i}.json").read_text())["metrics"])
     assert reports[1] == pytest.approx(reports[0], abs=1e-6)
+
+
+def test_optuna_searches_lambda_on_tiny8(tmp_path):
+    """hydra/sweeper=optuna_lambda maximises the validation accuracy the jobs return (issue 11);
+    without a validation split the job says what to add instead of handing Optuna a None."""
+    import shlex
+
+    import yaml
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    binary = str(Path(sys.executable).parent / "fusion_bench")
+    # the docs' command, with 2 trials, 32 images per task and no W&B files (time)
+    line = "fusion_bench -m hydra/sweeper=optuna_lambda taskpool.splits=[validation,test]"
+    extra = ["hydra.sweeper.n_trials=2", "taskpool.max_samples_per_task=32", "logger=none"]
+    proc = subprocess.run(
+        [binary, *shlex.split(line)[1:], *extra],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = tmp_path.glob("multirun/*/optimization_results.yaml")
+    best = yaml.safe_load(result.read_text())
+    assert 0.0 <= best["best_params"]["method.scaling_factor"] <= 1.0
+    assert 0.0 < best["best_value"] <= 1.0
+    proc = subprocess.run(
+        [binary, "-m", "hydra/sweeper=optuna_lambda", *extra[:2], "logger=none"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode != 0 and "taskpool.splits=[validation,test]" in proc.stderr
