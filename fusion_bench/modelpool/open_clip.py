@@ -13,6 +13,7 @@ Run: ``fusion_bench modelpool=open_clip_b32 suite=ta8``
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -154,10 +155,19 @@ class OpenCLIPModelPool:
     # -- modules -----------------------------------------------------------------------------
     @cached_property
     def _skeleton(self):
-        """(randomly initialised CLIP, eval transform): built once, copied per encoder."""
-        model, _, preprocess = self._open_clip.create_model_and_transforms(
-            self.model_name, pretrained=None
-        )
+        """(randomly initialised CLIP, eval transform): built once, copied per encoder. The
+        weights are loaded from the pool's checkpoints afterwards, so open_clip's "No pretrained
+        weights loaded ... initialized randomly" warning (and its INFO lines on the root logger)
+        would only mislead: they are filtered out of this one call."""
+        root = logging.getLogger()
+        quiet = _QuietOpenClip()
+        root.addFilter(quiet)
+        try:
+            model, _, preprocess = self._open_clip.create_model_and_transforms(
+                self.model_name, pretrained=None
+            )
+        finally:
+            root.removeFilter(quiet)
         return model.eval(), preprocess
 
     def build_encoder(self, state_dict: Mapping[str, Tensor] | None = None) -> nn.Module:
@@ -225,3 +235,14 @@ class OpenCLIPModelPool:
             "pretrained": self.pretrained_location,
             "experts": dict(self.expert_locations),
         }
+
+
+class _QuietOpenClip(logging.Filter):
+    """Drops open_clip's INFO lines and its random-initialisation warning (see ``_skeleton``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "open_clip" not in record.pathname:
+            return True
+        return (
+            record.levelno >= logging.WARNING and "No pretrained weights" not in record.getMessage()
+        )
