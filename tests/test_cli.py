@@ -335,3 +335,36 @@ def test_optuna_searches_lambda_on_tiny8(tmp_path):
         timeout=600,
     )
     assert proc.returncode != 0 and "taskpool.splits=[validation,test]" in proc.stderr
+
+
+def test_own_pool_config_with_config_dir(open_clip_pool_files, tiny_datasets, tmp_path, capsys):
+    """docs/migrating.md: a user's model-pool YAML in their own folder, extending a built-in pool,
+    found with --config-dir (here extending the open_clip pool with the tiny test files, as no hub
+    pool is reachable offline)."""
+    from tests.conftest import dict_override
+
+    f = open_clip_pool_files
+    folder = tmp_path / "my_configs" / "modelpool"
+    folder.mkdir(parents=True)
+    experts = "\n".join(f"  {task}: '{path}'" for task, path in f["experts"].items())
+    (folder / "mine.yaml").write_text(
+        "defaults:\n  - open_clip\n  - _self_\n"
+        f"model_name: {f['model_name']}\nmodel_config: '{f['config']}'\n"
+        f"pretrained: '{f['pretrained']}'\nfinetuned:\n{experts}\n"
+    )
+    code, out, err = run_cli(
+        [
+            "--config-dir",
+            str(tmp_path / "my_configs"),
+            "modelpool=mine",
+            f"suite.tasks=[{','.join(TASKS)}]",
+            f"taskpool.datasets={dict_override(tiny_datasets)}",
+            "method=ties_merging",
+            "logger=none",
+            "fast_dev_run=true",
+            f"hydra.run.dir={tmp_path}/run",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "== ties_merging ==" in out
