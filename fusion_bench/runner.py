@@ -141,6 +141,8 @@ def run(cfg: DictConfig) -> dict:
             )
         if outputs:
             print(format_table(metrics, taskpool.tasks, taskpool.splits, title=method_name))
+            if cfg.fast_dev_run:
+                print("fast_dev_run: one batch per task and one adaptation step — not a result")
             if continual and "bwt" in continual:
                 for split in taskpool.splits:
                     print(
@@ -167,6 +169,7 @@ def run(cfg: DictConfig) -> dict:
             "config": OmegaConf.to_container(cfg, resolve=True),
             "metrics": metrics,
             **({"continual": continual} if continual else {}),
+            "fast_dev_run": bool(cfg.fast_dev_run),
             "timings": timings,
             "memory": peak_memory(),
             "modelpool": modelpool.describe(),
@@ -175,6 +178,11 @@ def run(cfg: DictConfig) -> dict:
         if continual and "steps" in continual and outputs and output_dir(cfg) is not None:
             plot = write_plot(continual, taskpool.splits, output_dir(cfg) / "continual.svg")
             log.info("accuracy vs step: %s", plot)
+        for logger in loggers:  # time and memory next to the metrics
+            logger.log_metrics(
+                {f"time/{k}": v for k, v in timings.items()}
+                | {f"memory/{k}": v for k, v in report["memory"].items()}
+            )
         # The report first: what was measured is kept even if saving the model fails.
         write_report(cfg, report, outputs)
         if cfg.merged_model_save_path and outputs:

@@ -69,6 +69,8 @@ def test_run_end_to_end_hf(hf_cli_args, tmp_path, capsys):
     for task in TASKS:
         assert logged[f"test/{task}/acc"] == pytest.approx(report["metrics"][f"test/{task}/acc"])
     assert logged["test/avg_acc"] == pytest.approx(report["metrics"]["test/avg_acc"])
+    assert logged["time/merge_s"] == pytest.approx(report["timings"]["merge_s"])
+    assert logged["memory/peak_rss_mib"] > 0 and report["fast_dev_run"] is False
     assert logged["test/per_task/_type"] == "table-file" and logged["test/per_task/nrows"] == 2
     # merged model: re-loadable with from_pretrained, equal to the merge
     merged = CLIPVisionModel.from_pretrained(tmp_path / "merged")

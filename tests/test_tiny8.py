@@ -46,6 +46,7 @@ def test_default_job_fast_dev_run(tmp_path, capsys):
     )
     assert code == 0, err
     assert "== task_arithmetic ==" in out and "tiny8_faces" in out
+    assert "fast_dev_run: one batch per task" in out  # labelled: not a result
     # the pool loads its weights: open_clip's "initialized randomly" warning would mislead
     log = (tmp_path / "cli.log").read_text() + err
     assert "No pretrained weights loaded" not in log
