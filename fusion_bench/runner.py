@@ -54,6 +54,11 @@ def run(cfg: DictConfig) -> dict:
 
     if cfg.dry_run:
         return dry_run(cfg)
+    finished = finished_sweep_job(cfg)
+    if finished is not None:  # a resumed sweep: this job's report is complete
+        log.info("job already finished (%s): skipped", cfg.report_save_path)
+        print(f"{method_name}: already finished in an earlier run of this sweep, skipped")
+        return finished
     refuse_to_overwrite(cfg)
 
     # 1. seed and Fabric (device, precision, loggers)
@@ -334,6 +339,35 @@ def output_dir(cfg: DictConfig) -> Path | None:
     return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
 
 
+def finished_sweep_job(cfg: DictConfig) -> dict | None:
+    """In a sweep re-run into the same directory (``hydra.sweep.dir=<it>``), a job whose report
+    is complete is skipped, so an interrupted sweep resumes where it stopped (``overwrite=true``
+    re-runs every job)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if cfg.get("overwrite") or not cfg.get("report_save_path") or not HydraConfig.initialized():
+        return None
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    path = Path(cfg.report_save_path)
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # missing or unreadable: run the job (an unreadable one is rewritten)
+    return report if "metrics" in report else None
+
+
+def readable_json(path: Path) -> bool:
+    """A leftover empty or truncated report (a crash while writing it, before writes were atomic)
+    is replaced, not treated as the user's file."""
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def refuse_to_overwrite(cfg: DictConfig) -> None:
     """Fail before any work if an output would overwrite something the user has."""
     if cfg.get("overwrite"):
@@ -349,7 +383,7 @@ def refuse_to_overwrite(cfg: DictConfig) -> None:
             "or pass overwrite=true to replace it."
         )
     report_path = cfg.get("report_save_path")
-    if report_path and Path(report_path).exists():
+    if report_path and Path(report_path).exists() and readable_json(Path(report_path)):
         raise FusionBenchError(
             f"report_save_path '{report_path}' exists. Choose another path, or pass "
             "overwrite=true to replace it."

@@ -151,6 +151,23 @@ def test_multirun_sweep_and_report(hf_cli_args, tmp_path, capsys):
     assert report_main([str(sweep)]) == 0
     err = capsys.readouterr().err
     assert "skipped unreadable report" in err and "1 of the sweep's 2 jobs" in err
+    # the same sweep again into its directory: resumed — job 0 (complete) skipped, job 1 (its
+    # report truncated) run again, and the sweep is whole
+    before = reports[0].stat().st_mtime_ns
+    sweep_args = [
+        "-m",
+        *hf_cli_args,
+        "logger=none",
+        "method.scaling_factor=0.0,1.0",
+        "taskpool.splits=[validation,test]",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    code, out, err = run_cli(sweep_args, capsys)
+    assert code == 0, err
+    assert out.count("already finished in an earlier run") == 1 and reports[0].stat().st_mtime_ns == before
+    assert "test/avg_acc" in json.loads(reports[1].read_text())["metrics"]
+    assert report_main([str(sweep)]) == 0
+    assert "jobs have a report" not in capsys.readouterr().err
 
 
 def test_dry_run_prints_config_and_estimate(hf_cli_args, tmp_path, capsys):
