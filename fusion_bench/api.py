@@ -95,8 +95,8 @@ def merge(
             "fusion_bench_method": method,
             "hyperparameters": json.dumps(config, default=str),
         }
-        try:
-            save_safetensors(state, Path(save_to), metadata)
+        try:  # without overwrite, never replace a file another process created meanwhile
+            save_safetensors(state, Path(save_to), metadata, exclusive=not overwrite)
         except OSError as e:  # the merge is done: return it rather than lose it
             import warnings
 

@@ -311,12 +311,14 @@ def files_fingerprint(files: list[Path]) -> str:
 
 
 def save_safetensors(
-    state_dict: Mapping[str, Tensor], path: Path, metadata: dict[str, str]
+    state_dict: Mapping[str, Tensor], path: Path, metadata: dict[str, str], exclusive: bool = False
 ) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    write_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata))
+    write_atomically(
+        Path(path), lambda tmp: save_file(tensors, str(tmp), metadata), exclusive=exclusive
+    )
 
 
 # -- atomic outputs ---------------------------------------------------------------------------------
@@ -330,11 +332,12 @@ def _ordinary_mode() -> int:
     return 0o666 & ~umask
 
 
-def write_atomically(path: Path, write) -> None:
+def write_atomically(path: Path, write, exclusive: bool = False) -> None:
     """``write(tmp_path)`` then rename onto ``path``: a reader never sees a half-written file,
     and a failure (full disk, kill) leaves ``path`` as it was and no stray temporary file (one
     left by a killed process is named ``.<name>.partial-<pid>`` and removed by the next write).
-    The file gets the ordinary mode (0666 less the umask)."""
+    The file gets the ordinary mode (0666 less the umask). ``exclusive``: never replace an
+    existing ``path`` (``FileExistsError``), even one created by another process meanwhile."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.partial-*"):
@@ -345,7 +348,11 @@ def write_atomically(path: Path, write) -> None:
     try:
         write(tmp)
         os.chmod(tmp, _ordinary_mode())
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # atomic, and fails if the path exists
+            tmp.unlink()
+        else:
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

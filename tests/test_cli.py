@@ -164,7 +164,10 @@ def test_multirun_sweep_and_report(hf_cli_args, tmp_path, capsys):
     ]
     code, out, err = run_cli(sweep_args, capsys)
     assert code == 0, err
-    assert out.count("already finished in an earlier run") == 1 and reports[0].stat().st_mtime_ns == before
+    assert (
+        out.count("already finished in an earlier run") == 1
+        and reports[0].stat().st_mtime_ns == before
+    )
     assert "test/avg_acc" in json.loads(reports[1].read_text())["metrics"]
     assert report_main([str(sweep)]) == 0
     assert "jobs have a report" not in capsys.readouterr().err

@@ -133,10 +133,22 @@ def test_the_api_returns_a_finished_merge_when_saving_fails(tmp_path, monkeypatc
         blocker.write_text("x")
         fusion_bench.merge("simple_average", pre, experts, save_to=blocker / "out.safetensors")
 
-    def full_disk(state, path, metadata):
+    def full_disk(state, path, metadata, exclusive=False):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint, "save_safetensors", full_disk)
     with pytest.warns(UserWarning, match="No space left"):
         out = fusion_bench.merge("simple_average", pre, experts, save_to=tmp_path / "m.safetensors")
     assert torch.equal(out["w"], torch.ones(3))
+
+
+def test_exclusive_writes_never_replace_a_file_created_meanwhile(tmp_path):
+    path = tmp_path / "merged.safetensors"
+
+    def racing(tmp):
+        tmp.write_text("ours")
+        path.write_text("theirs")  # another process got there first
+
+    with pytest.raises(FileExistsError):
+        write_atomically(path, racing, exclusive=True)
+    assert path.read_text() == "theirs" and [p.name for p in tmp_path.iterdir()] == [path.name]
