@@ -220,6 +220,23 @@ def test_console_script_help_is_fast_and_lists_groups():
         assert f"{group}:" in proc.stdout
 
 
+def console(line: str, cwd: Path, *extra: str) -> subprocess.CompletedProcess:
+    """A console-script command line (``fusion_bench ...``, ``fusion_bench-report ...``) as a
+    user types it, in a fresh process in ``cwd``, offline; ``extra`` arguments appended."""
+    import shlex
+
+    argv = shlex.split(line)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    return subprocess.run(
+        [str(Path(sys.executable).parent / argv[0]), *argv[1:], *extra],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 def readme_block(marker: str) -> list[str]:
     """The lines of the README's bash block that contains ``marker``."""
     import re
@@ -232,32 +249,16 @@ def readme_block(marker: str) -> list[str]:
 def test_readme_sweep_and_report_run_verbatim_from_an_empty_directory(tmp_path):
     """The README's sweep line and report line, as a user types them, in a fresh directory (the
     console scripts in subprocesses; no hydra.sweep.dir: that is what crashed every sweep)."""
-    import shlex
-
     lines = readme_block("fusion_bench -m ")
     sweep_line = next(line for line in lines if line.startswith("fusion_bench -m "))
     report_line = next(line for line in lines if line.startswith("fusion_bench-report "))
-    bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
     # Added to the README's line, and only these: one batch per task and no W&B files (time).
-    extra = ["fast_dev_run=true", "logger=none"]
-    argv = shlex.split(sweep_line)
-    proc = subprocess.run(
-        [str(bin_dir / argv[0]), *argv[1:], *extra],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = console(sweep_line, tmp_path, "fast_dev_run=true", "logger=none")
     assert proc.returncode == 0, proc.stderr[-3000:]
     (sweep,) = (tmp_path / "multirun").iterdir()  # multirun/<timestamp>
     jobs = sorted(p.parent.name for p in sweep.glob("*/report.json"))
     assert jobs == [f"{i}-task_arithmetic" for i in range(5)]
-    argv = shlex.split(report_line.replace("<timestamp>", sweep.name))
-    proc = subprocess.run(
-        [str(bin_dir / argv[0]), *argv[1:]], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
+    proc = console(report_line.replace("<timestamp>", sweep.name), tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Best by validation/avg_acc" in proc.stdout
 
@@ -299,25 +300,14 @@ def test_checkpoint_docs_commands_run_verbatim(tmp_path):
     """docs/methods/baselines.md: save a tiny8 merge, evaluate it again — the two offline lines,
     as written, in a fresh directory (the third needs a hub pool and network)."""
     import re
-    import shlex
 
     page = (Path(__file__).parents[1] / "docs" / "methods" / "baselines.md").read_text()
     block = next(b for b in re.findall(r"```bash\n(.*?)```", page, re.S) if "checkpoint" in b)
     lines = [line.split("#")[0].strip() for line in block.splitlines()][:2]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
     reports = []
     for i, line in enumerate(lines):
-        argv = shlex.split(line)
         # Added, and only this: a known report path to compare the two runs.
-        extra = [f"report_save_path={tmp_path / f'report{i}.json'}"]
-        proc = subprocess.run(
-            [str(Path(sys.executable).parent / argv[0]), *argv[1:], *extra],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        proc = console(line, tmp_path, f"report_save_path={tmp_path / f'report{i}.json'}")
         assert proc.returncode == 0, proc.stderr[-3000:]
         reports.append(json.loads((tmp_path / f"report{i}.json").read_text())["metrics"])
     assert reports[1] == pytest.approx(reports[0], abs=1e-6)
@@ -326,36 +316,18 @@ def test_checkpoint_docs_commands_run_verbatim(tmp_path):
 def test_optuna_searches_lambda_on_tiny8(tmp_path):
     """hydra/sweeper=optuna_lambda maximises the validation accuracy the jobs return (issue 11);
     without a validation split the job says what to add instead of handing Optuna a None."""
-    import shlex
-
     import yaml
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-    binary = str(Path(sys.executable).parent / "fusion_bench")
     # the docs' command, with 2 trials, 32 images per task and no W&B files (time)
     line = "fusion_bench -m hydra/sweeper=optuna_lambda taskpool.splits=[validation,test]"
     extra = ["hydra.sweeper.n_trials=2", "taskpool.max_samples_per_task=32", "logger=none"]
-    proc = subprocess.run(
-        [binary, *shlex.split(line)[1:], *extra],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = console(line, tmp_path, *extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (result,) = tmp_path.glob("multirun/*/optimization_results.yaml")
     best = yaml.safe_load(result.read_text())
     assert 0.0 <= best["best_params"]["method.scaling_factor"] <= 1.0
     assert 0.0 < best["best_value"] <= 1.0
-    proc = subprocess.run(
-        [binary, "-m", "hydra/sweeper=optuna_lambda", *extra[:2], "logger=none"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = console("fusion_bench -m hydra/sweeper=optuna_lambda", tmp_path, *extra)
     assert proc.returncode != 0 and "taskpool.splits=[validation,test]" in proc.stderr
 
 
