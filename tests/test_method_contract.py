@@ -232,7 +232,7 @@ def test_per_task_models_are_built_one_at_a_time(pools, monkeypatch):
 
 def test_merge_results_with_nan_are_refused(pools):
     modelpool, _ = pools
-    with pytest.raises(FusionBenchError, match="NaN/Inf"):
+    with pytest.raises(FusionBenchError, match="NaN/Inf"), pytest.warns(UserWarning, match="far"):
         fusion_bench.merge("task_arithmetic", modelpool, scaling_factor=float("inf"))
 
 
@@ -264,3 +264,10 @@ def test_a_value_of_the_wrong_type_names_the_option(name):
 def test_nan_hyperparameters_are_refused():
     with pytest.raises(FusionBenchError, match="scaling_factor is NaN"):
         build_method("task_arithmetic", {"scaling_factor": float("nan")})
+
+
+def test_an_absurd_scaling_factor_is_warned_about():
+    with pytest.warns(UserWarning, match="scaling_factor=1000000000.0"):
+        build_method("task_arithmetic", {"scaling_factor": 1e9})
+    with pytest.warns(UserWarning, match="far outside"):
+        build_method("task_arithmetic", {"scaling_factor": [0.3, -500.0]})

@@ -335,6 +335,23 @@ def check_hyperparameters(method: Any, label: str = "method") -> None:
             )
         if isinstance(value, float) and math.isnan(value):
             raise FusionBenchError(f"{label}.{f.name} is NaN: give a number.")
+        if f.name == "scaling_factor" and _largest(value) > ABSURD_SCALE:
+            import warnings
+
+            warnings.warn(
+                f"{label}.scaling_factor={value!r}: a task-vector scale above {ABSURD_SCALE:g} "
+                "moves the weights far outside the experts' range (usual values are 0.1–2); the "
+                "merge will likely be at chance accuracy.",
+                stacklevel=2,
+            )
+
+
+ABSURD_SCALE = 100.0  # scaling factors above this are warned about (usual: 0.1–2)
+
+
+def _largest(value: Any) -> float:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return max((abs(v) for v in values if isinstance(v, (int, float))), default=0.0)
 
 
 def _conforms(value: Any, hint: Any) -> bool:
