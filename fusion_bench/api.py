@@ -67,7 +67,7 @@ def merge(
     )
 
     instance, config = build_method(method, hyperparameters)
-    method = method if isinstance(method, str) else type(instance).__name__  # a label from here
+    method = label_of(method, instance)  # a name for messages from here
     if instance.kind not in STATE_DICT_KINDS:
         raise FusionBenchError(
             f"Method '{method}' gives {KIND_GIVES[instance.kind]}, not one merged model: evaluate "
@@ -130,10 +130,15 @@ def evaluate(
             "give."
         )
     instance, _config = build_method(method, hyperparameters)
-    label = method if isinstance(method, str) else type(instance).__name__
+    label = label_of(method, instance)
     context = Context(fabric=fabric, fast_dev_run=fast_dev_run)
     model, _state = build_classifiers(instance, modelpool, taskpool.data, context, label)
     return taskpool.evaluate(model, fabric)
+
+
+def label_of(method: Any, instance: Any) -> str:
+    """A method's name for messages: the config name, or the class of an instance."""
+    return method if isinstance(method, str) else type(instance).__name__
 
 
 def _fields(method: Any) -> dict:

@@ -326,7 +326,8 @@ def _partial(path: Path) -> Path:
     return path.with_name(f".{path.name}.partial-{os.getpid()}")
 
 
-def _ordinary_mode() -> int:
+def ordinary_mode() -> int:
+    """0666 less the process umask: the mode of a file created the ordinary way."""
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
@@ -347,7 +348,7 @@ def write_atomically(path: Path, write, exclusive: bool = False) -> None:
     tmp = _partial(path)
     try:
         write(tmp)
-        os.chmod(tmp, _ordinary_mode())
+        os.chmod(tmp, ordinary_mode())
         if exclusive:
             os.link(tmp, path)  # atomic, and fails if the path exists
             tmp.unlink()

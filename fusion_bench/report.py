@@ -19,14 +19,21 @@ from pathlib import Path
 SELECT_BY = "validation/avg_acc"
 
 
+def read_report(path: Path) -> dict | None:
+    """A job's report.json, or None if it is missing, empty or truncated."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def collect(sweep_dir: Path, unreadable: list[str] | None = None) -> list[dict]:
     """One row per job report under ``sweep_dir``: its overrides and its metrics. Reports that
     cannot be read (empty, truncated) are skipped and listed in ``unreadable``."""
     rows = []
     for path in sorted(sweep_dir.rglob("report.json"), key=lambda p: str(p)):
-        try:
-            report = json.loads(path.read_text())
-        except (OSError, ValueError):
+        report = read_report(path)
+        if report is None:
             if unreadable is not None:
                 unreadable.append(str(path))
             continue

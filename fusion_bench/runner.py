@@ -21,15 +21,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fusion_bench.checkpoint import check_writable, write_atomically
+from fusion_bench.checkpoint import check_writable, ordinary_mode, write_atomically
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.base import (
     KIND_GIVES,
     STATE_DICT_KINDS,
     Context,
     build_classifiers,
-    check_finite,
+    merged_classifier,
 )
+from fusion_bench.report import read_report
 from fusion_bench.sequence import arrival_order, run_sequence, summarize, write_plot
 from fusion_bench.tensor_ops import check_same_architecture
 
@@ -123,8 +124,7 @@ def run(cfg: DictConfig) -> dict:
                 lambda metrics, step: [lg.log_metrics(metrics, step=step) for lg in loggers],
                 context,
             )
-            check_finite(merged)
-            model = modelpool.classifier(modelpool.build_encoder(merged))
+            model = merged_classifier(modelpool, merged)
         else:
             model, merged = build_classifiers(
                 method, modelpool, taskpool.data, context, method_name
@@ -301,9 +301,7 @@ def continual_summary(order, step_metrics, metrics, taskpool, fabric, model, seq
     if not sequence.get("evaluate_every_step", True):
         return {"order": list(order)}
     seen = [task for task in order if task in taskpool.tasks]
-    if seen == [task for task in taskpool.tasks if task in order] and len(seen) == len(
-        taskpool.tasks
-    ):
+    if set(seen) == set(taskpool.tasks):
         last = metrics  # the final evaluation covers exactly the seen tasks
     else:
         last = taskpool.evaluate(model, fabric, tasks=seen) if seen else {}
@@ -350,22 +348,8 @@ def finished_sweep_job(cfg: DictConfig) -> dict | None:
         return None
     if HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    path = Path(cfg.report_save_path)
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # missing or unreadable: run the job (an unreadable one is rewritten)
-    return report if "metrics" in report else None
-
-
-def readable_json(path: Path) -> bool:
-    """A leftover empty or truncated report (a crash while writing it, before writes were atomic)
-    is replaced, not treated as the user's file."""
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return True
+    report = read_report(Path(cfg.report_save_path))  # None: missing or unreadable, run the job
+    return report if report is not None and "metrics" in report else None
 
 
 def refuse_to_overwrite(cfg: DictConfig) -> None:
@@ -383,7 +367,8 @@ def refuse_to_overwrite(cfg: DictConfig) -> None:
             "or pass overwrite=true to replace it."
         )
     report_path = cfg.get("report_save_path")
-    if report_path and Path(report_path).exists() and readable_json(Path(report_path)):
+    # a leftover empty or truncated report (a crash while writing it) is replaced, not refused
+    if report_path and read_report(Path(report_path)) is not None:
         raise FusionBenchError(
             f"report_save_path '{report_path}' exists. Choose another path, or pass "
             "overwrite=true to replace it."
@@ -391,12 +376,8 @@ def refuse_to_overwrite(cfg: DictConfig) -> None:
 
 
 def save_merged(modelpool, state, path: Path, cfg: DictConfig, metrics: dict) -> None:
-    if state is None:
-        raise FusionBenchError(
-            "This method produces one model per task, a routed model or an ensemble, not one "
-            "merged model: merged_model_save_path applies only to merging methods. Remove it "
-            "from the command."
-        )
+    """``state``: a merged state dict (run() refuses merged_model_save_path for the kinds that
+    give none, before any work)."""
     card = model_card(cfg, modelpool, metrics)
     # Written next to the target under a temporary name, then renamed: a failure (full disk,
     # kill) never leaves a half-written model at the path.
@@ -407,7 +388,7 @@ def save_merged(modelpool, state, path: Path, cfg: DictConfig, metrics: dict) ->
         modelpool.save({k: state[k] for k in state}, tmp, card)
         for file in tmp.rglob("*"):
             if file.is_file():
-                os.chmod(file, 0o666 & ~current_umask())
+                os.chmod(file, ordinary_mode())
         if path.exists() and (path.is_file() or any(path.iterdir())):
             if not cfg.get("overwrite"):  # appeared while this run worked (another run?)
                 kept = path.with_name(f"{path.name}.{os.getpid()}")
@@ -428,12 +409,6 @@ def save_merged(modelpool, state, path: Path, cfg: DictConfig, metrics: dict) ->
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("merged model saved to %s", path)
-
-
-def current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 def model_card(cfg: DictConfig, modelpool, metrics: dict) -> str:

@@ -63,10 +63,6 @@ class Context:
 
         return self.fabric.device if self.fabric is not None else torch.device("cpu")
 
-    @property
-    def is_global_zero(self) -> bool:
-        return self.fabric is None or self.fabric.is_global_zero
-
 
 # -- the kinds -----------------------------------------------------------------------------------
 class Hyperparameters:
@@ -237,8 +233,7 @@ def build_classifiers(
 
     if method.kind in STATE_DICT_KINDS:
         state = merged_state_dict(method, pool, data, context, label)
-        check_finite(state)
-        return pool.classifier(pool.build_encoder(state)), state
+        return merged_classifier(pool, state), state
     if method.kind == "per_task":
         return PerTaskClassifiers(pool, method.models(pool)), None
     if method.kind == "routed":
@@ -249,6 +244,12 @@ def build_classifiers(
 
         return ensemble_classifier(pool, method.combiner(list(pool.expert_names))), None
     raise FusionBenchError(f"{type(method).__name__} has an unknown kind {method.kind!r}.")
+
+
+def merged_classifier(pool: Any, state: StateDict):
+    """The zero-shot classifier of a merged state dict, refused if it holds NaN/Inf."""
+    check_finite(state)
+    return pool.classifier(pool.build_encoder(state))
 
 
 def _call(module: nn.Module, images: Tensor) -> Tensor:

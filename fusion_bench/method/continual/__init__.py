@@ -31,7 +31,7 @@ class RunningUpdate:
     pretrained: StateDict  # θ0, read key by key
     update: dict[str, Tensor] = field(default_factory=dict)  # the running update, float32
     seen: list[str] = field(default_factory=list)  # expert names absorbed so far, in order
-    norms: list[float] = field(default_factory=list)  # ‖τ_t‖ of each absorbed expert (OPCM)
+    norms: list[float] = field(default_factory=list)  # ‖τ_t‖ of each expert (absorb(norm=True))
     device: torch.device | str = "cpu"  # where optimising methods (DOP) work
 
     def absorb(
@@ -41,11 +41,13 @@ class RunningUpdate:
         exclude_keys: Iterable[str],
         combine: Callable[[str, Tensor, Tensor | None], Tensor | Callable[[], Tensor]],
         progress=None,
+        norm: bool = False,
     ) -> None:
         """For every mergeable key: τ = θ_t − θ0, then ``update[key] = combine(key, τ, update[key]
-        or None)``; records ‖τ‖ over all keys. ``combine`` may return a thunk instead of a tensor
-        (e.g. a projection built on an SVD): thunks run in windows of 2·threads keys spread over
-        torch's threads (:func:`~fusion_bench.tensor_ops.parallel_map`)."""
+        or None)``; with ``norm``, also records ‖τ‖ over all keys in ``norms`` (OPCM needs it; the
+        others skip its float64 pass over every tensor). ``combine`` may return a thunk instead of
+        a tensor (e.g. a projection built on an SVD): thunks run in windows of 2·threads keys
+        spread over torch's threads (:func:`~fusion_bench.tensor_ops.parallel_map`)."""
         keys = list(mergeable_keys(self.pretrained, list(exclude_keys)))
         window = 2 * torch.get_num_threads()
         pending: list[tuple[str, Callable[[], Tensor]]] = []
@@ -60,7 +62,8 @@ class RunningUpdate:
         for key in progress(keys) if progress is not None else keys:
             base = self.pretrained[key].to(torch.float32)
             tau = expert_tensor(expert, key, base, name) - base
-            squares += float(tau.double().square().sum())
+            if norm:
+                squares += float(tau.double().square().sum())
             value = combine(key, tau, self.update.get(key))
             if callable(value):
                 pending.append((key, value))
@@ -69,7 +72,8 @@ class RunningUpdate:
             else:
                 self.update[key] = value
         flush()
-        self.norms.append(squares**0.5)
+        if norm:
+            self.norms.append(squares**0.5)
         self.seen.append(name)
 
     def model(self, scale: float = 1.0, exclude_keys: Iterable[str] = ()) -> dict[str, Tensor]:

@@ -70,7 +70,9 @@ class OPCM(SequentialMerge[RunningUpdate]):
                 return lambda: previous + self.project(previous, tau)  # SVDs run in parallel
             return previous + tau
 
-        state.absorb(name, expert, self.exclude_keys, combine, key_progress(f"opcm: {name}"))
+        state.absorb(
+            name, expert, self.exclude_keys, combine, key_progress(f"opcm: {name}"), norm=True
+        )
         return state
 
     def merged(self, state: RunningUpdate) -> dict[str, Tensor]:
