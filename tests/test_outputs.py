@@ -49,6 +49,21 @@ def test_an_unwritable_head_cache_fails_before_the_merge(
     assert "== task_arithmetic ==" not in out
 
 
+def run_and_save(cli_args, run_dir, target, capsys, *extra) -> tuple[int, str]:
+    """The default method on the tiny HF pool, saving its merge to ``target``."""
+    code, _, err = run_cli(
+        [
+            *cli_args,
+            "logger=none",
+            f"hydra.run.dir={run_dir}",
+            f"merged_model_save_path={target}",
+            *extra,
+        ],
+        capsys,
+    )
+    return code, err
+
+
 def test_the_report_survives_a_failed_save(hf_cli_args, tmp_path, capsys, monkeypatch):
     from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
 
@@ -58,15 +73,7 @@ def test_the_report_survives_a_failed_save(hf_cli_args, tmp_path, capsys, monkey
 
     monkeypatch.setattr(CLIPVisionModelPool, "save", full_disk)
     run_dir, target = tmp_path / "run", tmp_path / "merged"
-    code, _, err = run_cli(
-        [
-            *hf_cli_args,
-            "logger=none",
-            f"hydra.run.dir={run_dir}",
-            f"merged_model_save_path={target}",
-        ],
-        capsys,
-    )
+    code, err = run_and_save(hf_cli_args, run_dir, target, capsys)
     assert code == 2 and "No space left" in err and "report.json" in err
     report = json.loads((run_dir / "report.json").read_text())
     assert "test/avg_acc" in report["metrics"] and "No space left" in report["save_error"]
@@ -76,31 +83,21 @@ def test_the_report_survives_a_failed_save(hf_cli_args, tmp_path, capsys, monkey
 
 def test_saved_outputs_are_whole_and_ordinary_files(hf_cli_args, tmp_path, capsys):
     run_dir, target = tmp_path / "run", tmp_path / "merged"
-    code, _, err = run_cli(
-        [
-            *hf_cli_args,
-            "logger=none",
-            f"hydra.run.dir={run_dir}",
-            f"merged_model_save_path={target}",
-        ],
-        capsys,
-    )
+    code, err = run_and_save(hf_cli_args, run_dir, target, capsys)
     assert code == 0, err
     for path in [run_dir / "report.json", *target.iterdir()]:
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask(), path
     assert not list(tmp_path.glob(".*partial*")) and not list(run_dir.glob(".*partial*"))
-    # overwrite=true replaces a file or a directory at the path with the new model
-    code, _, err = run_cli(
-        [
-            *hf_cli_args,
-            "logger=none",
-            f"hydra.run.dir={tmp_path}/run2",
-            f"merged_model_save_path={target}",
-            "overwrite=true",
-        ],
-        capsys,
-    )
-    assert code == 0, err and (target / "README.md").is_file()
+    # overwrite=true replaces the directory at the path with the new model, and a file too
+    code, err = run_and_save(hf_cli_args, tmp_path / "run2", target, capsys, "overwrite=true")
+    assert code == 0, err
+    assert (target / "README.md").is_file()
+    a_file = tmp_path / "merged_file"
+    a_file.write_text("not a model")
+    code, err = run_and_save(hf_cli_args, tmp_path / "run3", a_file, capsys, "overwrite=true")
+    assert code == 0, err
+    assert a_file.is_dir() and (a_file / "README.md").is_file()
+    assert not list(tmp_path.glob(".merged*replaced*"))
 
 
 def test_write_atomically_leaves_the_old_file_on_failure(tmp_path):
