@@ -18,6 +18,7 @@ import time
 T_START = time.perf_counter()
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -27,8 +28,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]
 
 
-def build(method: str):
-    """FusionBench's class for ``method`` with the same settings as our row (scaling 1.0)."""
+def build(method: str, kwargs: dict | None = None):
+    """FusionBench's class for ``method`` with the same settings as our row (scaling 1.0).
+
+    ``method`` may also be ``module:Class`` (e.g. ``fusion_bench.method:IsotropicMergingInCommon
+    AndTaskSubspace``), built with ``kwargs``: what ``benchmarks/parity.py`` uses.
+    """
+    if ":" in method:
+        import importlib
+
+        module, _, name = method.partition(":")
+        return getattr(importlib.import_module(module), name)(**(kwargs or {}))
     if method == "tsv_m":
         from fusion_bench.method import TaskSingularVectorMerging
 
@@ -46,10 +56,12 @@ def build(method: str):
 
 def main() -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("method", choices=("tsv_m", "iso_c", "task_arithmetic"))
+    parser.add_argument("method", help="tsv_m | iso_c | task_arithmetic | module:Class")
     parser.add_argument("pool", type=Path)
     parser.add_argument("n", type=int)
     parser.add_argument("out", type=Path)
+    parser.add_argument("--kwargs", default="{}", help="JSON constructor arguments (module:Class)")
+    parser.add_argument("--seed", type=int, default=None, help="torch.manual_seed before run")
     args = parser.parse_args()
 
     import torch
@@ -61,7 +73,9 @@ def main() -> dict:
     models = {"_pretrained_": str(args.pool / "pretrained")}
     models |= {f"task{i:02d}": str(args.pool / f"expert_{i:02d}") for i in range(args.n)}
     pool = CLIPVisionModelPool(models)
-    algorithm = build(args.method)
+    algorithm = build(args.method, json.loads(args.kwargs))
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
     if hasattr(algorithm, "fabric"):
         algorithm.fabric = Fabric(accelerator="cpu", devices=1)
     t_imports = time.perf_counter()

@@ -33,6 +33,25 @@ NOISE_STD = 2e-4  # entry std of the dense noise on every floating tensor
 # Hugging Face CLIP configs. b32 and l14 match openai/clip-vit-base-patch32 and -large-patch14
 # (text tower included, vocab 49408, so the pretrained file has the real size).
 ARCHS: dict[str, dict] = {
+    # a small CLIP with B/32's key names: fast reference-parity checks (benchmarks/parity.py)
+    "s": {
+        "vision": {
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        "text": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "vocab_size": 256,
+        },
+        "projection_dim": 32,
+    },
     "b32": {
         "vision": {
             "hidden_size": 768,
