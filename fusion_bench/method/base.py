@@ -315,6 +315,24 @@ def per_expert(value: float | Sequence[float], names: Sequence[str], option: str
 
 
 # -- the schema, checked ------------------------------------------------------------------------------
+def base_merge(name: str, options: Mapping[str, Any], option: str = "base") -> StateDictMerge:
+    """The data-free merge ``conf/method/<name>.yaml`` with ``options`` over its YAML defaults:
+    how a method composes with another one (LiNeS or singular-value calibration after TIES,
+    DARE in front of it ...). Errors name ``method.<option>`` and the fix."""
+    from fusion_bench.api import build_method
+
+    try:
+        method, _ = build_method(name, options)
+    except FusionBenchError as e:
+        raise FusionBenchError(f"method.{option}={name!r}: {e}") from None
+    if method.kind != "merge":
+        raise FusionBenchError(
+            f"method.{option}={name!r} is a {method.kind} method; a base must be a data-free "
+            "merge of kind 'merge' (e.g. task_arithmetic, ties_merging, tsv_m)."
+        )
+    return method
+
+
 def check_hyperparameters(method: Any, label: str = "method") -> None:
     """Every field of a method dataclass has its declared type (the constructor is the schema):
     ``method.scaling_factor=abc`` fails here, naming the option, not deep inside the maths."""
