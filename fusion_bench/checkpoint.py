@@ -21,6 +21,8 @@ import json
 import math
 import os
 import pickle
+import re
+import shutil
 import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -173,17 +175,24 @@ def _torch_load(path: Path, allow_unsafe_pickle: bool):
                 raise
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        needed = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if needed is None:  # not an object the safe loader refused: bytes that are no pickle
+            raise FusionBenchError(
+                f"Cannot read checkpoint '{path}': it is not a torch checkpoint "
+                f"({_unpickler_reason(str(e))}). The file is corrupted or truncated, or not a model file; "
+                "re-download or re-save it."
+            ) from None
         if not allow_unsafe_pickle:
             raise FusionBenchError(
-                f"'{path}' is not a plain state dict: loading it needs full unpickling, which can "
-                f"execute code from the file ({str(e).splitlines()[0]}). If you trust the file, set "
-                "`allow_unsafe_pickle: true` on the model pool; better, convert it once to a "
-                "safetensors state dict."
+                f"'{path}' is not a plain state dict: it pickles a Python object "
+                f"({needed.group(1)}), and loading that needs full unpickling, which can execute "
+                "code from the file. If you trust the file, set `allow_unsafe_pickle: true` on "
+                "the model pool; better, convert it once to a safetensors state dict."
             ) from None
     except Exception as e:
         raise FusionBenchError(
-            f"Cannot read checkpoint '{path}': {type(e).__name__}: {e}. The file is corrupted, "
-            "truncated or not a torch checkpoint; re-download or re-save it."
+            f"Cannot read checkpoint '{path}': {type(e).__name__}: {_plain(str(e))}. The file is "
+            "corrupted, truncated or not a torch checkpoint; re-download or re-save it."
         ) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
@@ -194,7 +203,26 @@ def _torch_load(path: Path, allow_unsafe_pickle: bool):
         ) from None
 
 
+def _plain(message: str) -> str:
+    """``message`` without terminal escape codes, on one line, at most ~200 characters: torch's
+    loader errors are long, bold-faced and mostly advice that does not apply here."""
+    lines = [ln.strip() for ln in re.sub(r"\x1b\[[0-9;]*m", "", message).splitlines()]
+    text = " ".join(ln for ln in lines if ln)
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _unpickler_reason(message: str) -> str:
+    """The reason in torch's safe-loader error ('Unsupported operand 105'), not its advice."""
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", message, re.S)
+    return _plain(found.group(1) if found else message)
+
+
 def _open_file(path: Path, allow_unsafe_pickle: bool):
+    if path.is_dir():
+        raise FusionBenchError(
+            f"'{path}' is a directory, but this model pool reads one checkpoint file per model "
+            "(e.g. 'model.pt' or 'model.safetensors'): point it at the file inside."
+        )
     if not path.is_file():
         raise FusionBenchError(
             f"Checkpoint file '{path}' does not exist. Check the path in the model pool config."
@@ -341,10 +369,7 @@ def write_atomically(path: Path, write, exclusive: bool = False) -> None:
     existing ``path`` (``FileExistsError``), even one created by another process meanwhile."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and _alive(int(pid))):
-            stale.unlink(missing_ok=True)
+    remove_stale_temporaries(path)
     tmp = _partial(path)
     try:
         write(tmp)
@@ -357,6 +382,24 @@ def write_atomically(path: Path, write, exclusive: bool = False) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Remove what killed writers of ``path`` left beside it: ``.<name>.partial-<pid>`` (a file
+    or a model directory being written) and ``.<name>.replaced-<pid>`` (the previous output being
+    swapped out), for every pid that is no longer running. A live writer's are left alone."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    for pattern in (f".{path.name}.partial-*", f".{path.name}.replaced-*"):
+        for stale in path.parent.glob(pattern):
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and _alive(int(pid)):
+                continue
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:

@@ -21,7 +21,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fusion_bench.checkpoint import check_writable, ordinary_mode, write_atomically
+from fusion_bench.checkpoint import (
+    check_writable,
+    ordinary_mode,
+    remove_stale_temporaries,
+    write_atomically,
+)
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.base import (
     KIND_GIVES,
@@ -381,6 +386,7 @@ def save_merged(modelpool, state, path: Path, cfg: DictConfig, metrics: dict) ->
     card = model_card(cfg, modelpool, metrics)
     # Written next to the target under a temporary name, then renamed: a failure (full disk,
     # kill) never leaves a half-written model at the path.
+    remove_stale_temporaries(path)  # left by a killed run (a model directory each: GBs)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

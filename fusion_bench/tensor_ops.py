@@ -65,7 +65,9 @@ def map_keys(
     progress: Callable[[Iterable[str]], Iterable[str]] | None = None,
 ) -> dict[str, Tensor]:
     """Build an output state dict key by key: ``fn(key, pretrained_fp32)`` for mergeable keys,
-    a copy of the pretrained tensor for the rest."""
+    a copy of the pretrained tensor for the rest: excluded floating keys in float32 like every
+    merged key (a half-precision checkpoint's excluded keys are not left in fp16), integer
+    buffers as stored."""
     keys: Iterable[str] = list(pretrained)
     if progress is not None:
         keys = progress(keys)
@@ -74,6 +76,8 @@ def map_keys(
         base = pretrained[key]
         if base.is_floating_point() and not is_excluded(key, exclude):
             out[key] = fn(key, base.to(torch.float32))
+        elif base.is_floating_point():
+            out[key] = base.to(torch.float32, copy=True)
         else:
             out[key] = base.clone()
     return out

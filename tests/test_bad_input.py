@@ -38,6 +38,23 @@ def test_corrupted_torch_file(tmp_path):
         LazyStateDict([path])
 
 
+@pytest.mark.parametrize("data", [bytes(range(256)) * 16, b"\x80\x02garbage"])
+def test_random_bytes_are_not_called_a_pickle_to_allow(tmp_path, data):
+    """Bytes that are no checkpoint are corrupted, not 'a pickle needing allow_unsafe_pickle'."""
+    path = tmp_path / "random.pt"
+    path.write_bytes(data)
+    with pytest.raises(FusionBenchError, match="not a torch checkpoint") as err:
+        LazyStateDict([path])
+    message = str(err.value)
+    assert "allow_unsafe_pickle" not in message and "weights_only" not in message
+    assert "\n" not in message and "\x1b" not in message
+
+
+def test_a_directory_given_for_a_checkpoint_file(tmp_path):
+    with pytest.raises(FusionBenchError, match="is a directory.*point it at the file inside"):
+        LazyStateDict([tmp_path])
+
+
 def test_nan_in_weights(tmp_path):
     path = tmp_path / "nan.safetensors"
     save_file({"w": torch.tensor([1.0, float("nan")])}, path)
@@ -65,8 +82,10 @@ class _Pickled(torch.nn.Module):
 def test_pickled_module_needs_opt_in(tmp_path):
     path = tmp_path / "module.pt"
     torch.save(_Pickled(), path)
-    with pytest.raises(FusionBenchError, match="allow_unsafe_pickle"):
+    with pytest.raises(FusionBenchError, match="allow_unsafe_pickle") as err:
         LazyStateDict([path])
+    assert "_Pickled" in str(err.value)  # names the object that needs full unpickling ...
+    assert "\x1b" not in str(err.value)  # ... in plain text (torch's message has bold codes)
     lazy = LazyStateDict([path], allow_unsafe_pickle=True)
     assert set(lazy) == {"lin.weight", "lin.bias"}
 
@@ -106,6 +125,18 @@ def test_wrong_family(hf_pool_files, open_clip_pool_files):
     )
     with pytest.raises(FusionBenchError, match="lacks"):
         validate_pool(pool)
+
+
+def test_open_clip_pool_given_directories(open_clip_pool_files, tmp_path):
+    """A directory where the open_clip pool wants a file says so (not 'does not exist')."""
+    f = open_clip_pool_files
+    pool = OpenCLIPModelPool(
+        f["model_name"], str(tmp_path), {"mnist": str(tmp_path)}, model_config=f["config"]
+    )
+    with pytest.raises(FusionBenchError, match="is a directory.*point it at the file inside"):
+        pool.pretrained()
+    with pytest.raises(FusionBenchError, match="is a directory.*point it at the file inside"):
+        pool.expert("mnist")
 
 
 def test_template_without_placeholder():

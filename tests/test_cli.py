@@ -362,3 +362,26 @@ def test_own_pool_config_with_config_dir(open_clip_pool_files, tiny_datasets, tm
     )
     assert code == 0, err
     assert "== ties_merging ==" in out
+
+
+def test_an_unwritable_output_location_is_one_clear_error(tmp_path, monkeypatch):
+    """Hydra makes the run directory before our code runs: from a read-only working directory
+    it failed with three chained tracebacks. The console script checks that place first."""
+    from fusion_bench import cli
+
+    (tmp_path / "outputs").write_text("a file where the runs' directory would go")
+    done = console("fusion_bench", tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "is not a directory" in done.stderr and "hydra.run.dir" not in done.stdout
+    (tmp_path / "ro").mkdir()
+    monkeypatch.chdir(tmp_path / "ro")
+
+    def read_only(self, data):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    sweep = ["-m", "method.scaling_factor=0.1"]
+    for argv, option in (([], "hydra.run.dir"), (sweep, "hydra.sweep.dir")):
+        problem = cli._check_output_root(argv)
+        assert "Permission denied" in problem and f"set {option}=" in problem
+    assert cli._check_output_root(["--cfg", "job"]) is None  # printing writes nothing

@@ -27,3 +27,45 @@ def test_python_api_examples_run_verbatim():
 
     out = fusion_bench.merge(namespace["FirstExpert"](), namespace["pre"], namespace["experts"])
     assert torch.equal(out["w"], torch.tensor([1.0, 0.0, 0.0]))
+
+
+def documented_commands() -> list[tuple[str, str]]:
+    """(where, command) for every `fusion_bench ...` line in the README, docs/ and the YAML
+    comments of conf/ (continuation lines joined, shell comments dropped)."""
+    import re
+
+    root = Path(__file__).parents[1]
+    found = []
+    files = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    files += sorted((root / "conf").rglob("*.yaml"))
+    for path in files:
+        text = path.read_text().replace("\\\n", " ")
+        in_block = path.suffix == ".yaml"  # YAML: every comment line; Markdown: code blocks
+        for n, line in enumerate(text.splitlines(), 1):
+            if path.suffix == ".md" and line.lstrip().startswith("```"):
+                in_block = not in_block
+                continue
+            line = line.strip().lstrip("#").strip()
+            if in_block and re.match(r"fusion_bench( |$)", line):
+                found.append((f"{path.relative_to(root)}:{n}", line))
+    return found
+
+
+def test_documented_commands_parse_as_hydra_overrides():
+    """A command copied from the docs never fails in Hydra's override parser (an unquoted
+    `{task}` in a path does: it must be quoted for the shell to pass it through)."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    commands = documented_commands()
+    assert len(commands) > 30  # the scan finds the docs' commands
+    bad = []
+    for where, command in commands:
+        try:
+            words = shlex.split(command, comments=True)[1:]
+            parser.parse_overrides([w for w in words if "=" in w and not w.startswith("-")])
+        except Exception as e:  # noqa: BLE001 - collect every failure
+            bad.append(f"{where}: {command!r}: {str(e).splitlines()[0]}")
+    assert not bad, "\n".join(bad)

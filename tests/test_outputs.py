@@ -117,6 +117,28 @@ def test_write_atomically_leaves_the_old_file_on_failure(tmp_path):
     assert path.read_text() == "new" and not stale.exists()
 
 
+def test_a_killed_model_save_leaves_nothing_that_outlives_the_next_run(
+    hf_cli_args, tmp_path, capsys
+):
+    """A SIGKILL during an HF save leaves a hidden full-size directory (and, during a replace,
+    the old model under a hidden name): the next save to that path removes both; a live
+    writer's temporary is left alone."""
+    import subprocess
+    import sys
+
+    finished = [sys.executable, "-c", "import os; print(os.getpid())"]
+    dead_pid = int(subprocess.run(finished, capture_output=True, text=True, check=True).stdout)
+    left = [tmp_path / f".merged.partial-{dead_pid}", tmp_path / f".merged.replaced-{dead_pid}"]
+    for stale in left:
+        stale.mkdir()
+        (stale / "model.safetensors").write_bytes(b"\0" * 1024)
+    alive = tmp_path / f".merged.partial-{os.getppid()}"  # a running process's: not ours to take
+    alive.mkdir()
+    code, err = run_and_save(hf_cli_args, tmp_path / "run", tmp_path / "merged", capsys)
+    assert code == 0, err
+    assert not any(p.exists() for p in left) and alive.is_dir()
+
+
 def test_the_api_returns_a_finished_merge_when_saving_fails(tmp_path, monkeypatch):
     import torch
 

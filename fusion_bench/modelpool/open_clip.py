@@ -105,6 +105,12 @@ class OpenCLIPModelPool:
         local = Path(resolve_path(self.pretrained_location))
         if local.is_file():
             return local
+        if local.is_dir():
+            raise FusionBenchError(
+                f"modelpool.pretrained '{local}' is a directory; the open_clip pool reads one file "
+                "with the full CLIP state dict (or an open_clip pretrained tag such as 'openai'): "
+                "point it at the file inside."
+            )
         if "/" in self.pretrained_location or local.suffix:
             raise FusionBenchError(
                 f"Pretrained checkpoint '{local}' does not exist. Check modelpool.pretrained "
