@@ -324,7 +324,10 @@ def base_merge(name: str, options: Mapping[str, Any], option: str = "base") -> S
     try:
         method, _ = build_method(name, options)
     except FusionBenchError as e:
-        raise FusionBenchError(f"method.{option}={name!r}: {e}") from None
+        message = str(e)
+        if message.startswith("method."):  # a base option's check: name its real path
+            message = f"method.{option}_options." + message.removeprefix("method.")
+        raise FusionBenchError(f"method.{option}={name!r}: {message}") from None
     if method.kind != "merge":
         raise FusionBenchError(
             f"method.{option}={name!r} is a {method.kind} method; a base must be a data-free "
