@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.dare import Dare, DroppedExpert
+from fusion_bench.method.dare import Dare, DroppedExpert, is_linear_weight
 from fusion_bench.method.magmax import MagMax
 from fusion_bench.method.model_stock import ModelStock
 from fusion_bench.method.simple_average import SimpleAverage
@@ -196,47 +196,106 @@ BASES = {
     "simple_average": SimpleAverage(),
     "task_arithmetic": TaskArithmetic(scaling_factor=0.3),
     "ties_merging": TiesMerging(scaling_factor=0.3, threshold=20, merge_func="sum"),
+    "magmax": MagMax(scaling_factor=0.5),  # any data-free merge is a base
 }
+BASE_OPTIONS = {
+    "simple_average": {},
+    "task_arithmetic": {"scaling_factor": 0.3},
+    "ties_merging": {"scaling_factor": 0.3, "threshold": 20, "merge_func": "sum"},
+    "magmax": {"scaling_factor": 0.5},
+}
+
+
+def dare(base: str, **settings) -> Dare:
+    return Dare(base=base, base_options=BASE_OPTIONS[base], **settings)
 
 
 @pytest.mark.parametrize("base", list(BASES))
 def test_dare_p0_is_the_base_method(pool, base):
     pre, fts = pool
     experts = as_experts(fts)
-    out = Dare(base=base, sparsity_ratio=0.0, scaling_factor=0.3).merge(pre, experts)
+    out = dare(base, sparsity_ratio=0.0).merge(pre, experts)
     assert_state_dict_close(out, BASES[base].merge(pre, experts), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("base", ["simple_average", "task_arithmetic"])
 def test_dare_mean_over_seeds_tends_to_the_base(pool, base):
+    """E[drop(τ)] = τ and the bases are linear in τ: the mean over seeds converges to the base, and
+    its error is that of independent Bernoulli(1 − p) masks: per entry the merge's variance is
+    w² Σ_i τ_i² p/(1 − p) (w: the base's weight of each τ), divided by the number of seeds."""
     pre, fts = pool
     experts = as_experts(fts)
-    runs = [
-        Dare(base=base, sparsity_ratio=0.5, seed=s, scaling_factor=0.3).merge(pre, experts)
-        for s in range(300)
-    ]
+    seeds, p = 300, 0.5
+    runs = [dare(base, sparsity_ratio=p, seed=s).merge(pre, experts) for s in range(seeds)]
     mean = {k: torch.stack([r[k] for r in runs]).mean(0) for k in FLOAT_KEYS}
     expected = BASES[base].merge(pre, experts)
     assert_state_dict_close(with_pos(mean, pre), expected, atol=0.02, rtol=0)
+    w = 0.3 if base == "task_arithmetic" else 1 / len(fts)
+    errors, sds = [], []
+    for k in FLOAT_KEYS:
+        variance = torch.stack([f[k] - pre[k] for f in fts]).pow(2).sum(0) * p / (1 - p)
+        errors.append((mean[k] - expected[k]).reshape(-1))
+        sds.append((w * variance.sqrt() / seeds**0.5).reshape(-1))
+    z = torch.cat(errors) / torch.cat(sds)
+    assert 0.7 < z.pow(2).mean().sqrt() < 1.3  # standardised errors: RMS ≈ 1 (48 entries)
+    assert z.mean().abs() < 0.5  # no bias
+
+
+def test_dare_drop_rate_and_rescale_per_expert(pool):
+    pre, fts = pool
+    settings = Dare(sparsity_ratio=0.5, seed=3)
+    view = DroppedExpert(pre, fts[0], 0, settings, "#0")
+    tau = torch.cat([(fts[0][k] - pre[k]).reshape(-1) for k in FLOAT_KEYS])
+    kept = torch.cat([(view[k] - pre[k]).reshape(-1) for k in FLOAT_KEYS])
+    nz = kept != 0
+    assert 0.3 < nz.float().mean() < 0.7  # 48 entries, p = 0.5
+    torch.testing.assert_close(kept[nz], 2 * tau[nz], rtol=1e-5, atol=1e-6)
+    unscaled = DroppedExpert(pre, fts[0], 0, Dare(sparsity_ratio=0.5, seed=3, rescale=False), "")
+    torch.testing.assert_close(
+        unscaled["a.weight"] - pre["a.weight"], (view["a.weight"] - pre["a.weight"]) / 2
+    )
+    assert torch.equal(view["pos_ids"], fts[0]["pos_ids"])
+
+
+def test_dare_only_on_linear_weights_drops_the_weight_matrices_only(pool):
+    pre, fts = pool
+    view = DroppedExpert(pre, fts[0], 0, Dare(only_on_linear_weights=True), "#0")
+    assert torch.equal(view["a.bias"], fts[0]["a.bias"])  # 1-D: kept whole
+    assert torch.equal(view["b.weight"], fts[0]["b.weight"])  # 1-D weight (a LayerNorm's)
+    dropped = view["a.weight"] - pre["a.weight"]
+    assert (dropped == 0).any() and not torch.equal(view["a.weight"], fts[0]["a.weight"])
+    for key, expected in {
+        "encoder.layers.0.self_attn.q_proj.weight": True,  # Hugging Face CLIP
+        "encoder.layers.0.mlp.fc1.weight": True,
+        "embeddings.position_embedding.weight": False,  # nn.Embedding
+        "transformer.resblocks.0.mlp.c_fc.weight": True,  # open_clip
+        "transformer.resblocks.0.attn.out_proj.weight": True,
+        "transformer.resblocks.0.attn.in_proj_weight": False,  # MultiheadAttention's parameter
+        "proj": False,
+        "positional_embedding": False,
+    }.items():
+        assert is_linear_weight(key, torch.zeros(4, 4)) is expected, key
+    assert not is_linear_weight("conv1.weight", torch.zeros(4, 3, 2, 2))
+    assert not is_linear_weight("ln_pre.weight", torch.zeros(4))
 
 
 def test_dare_is_reproducible_and_order_free(pool):
     pre, fts = pool
     experts = as_experts(fts)
 
-    def dare(pretrained, seed):
-        return Dare(base="ties_merging", sparsity_ratio=0.5, seed=seed).merge(pretrained, experts)
+    def run(pretrained, seed):
+        return dare("ties_merging", sparsity_ratio=0.5, seed=seed).merge(pretrained, experts)
 
-    a = dare(pre, 3)
-    assert_state_dict_close(dare(pre, 3), a, atol=0, rtol=0)
-    assert not torch.equal(dare(pre, 4)["a.weight"], a["a.weight"])
+    a = run(pre, 3)
+    assert_state_dict_close(run(pre, 3), a, atol=0, rtol=0)
+    assert not torch.equal(run(pre, 4)["a.weight"], a["a.weight"])
     reversed_pre = dict(reversed(list(pre.items())))  # keys visited in another order
-    assert_state_dict_close(dare(reversed_pre, 3), a, atol=0, rtol=0)
+    assert_state_dict_close(run(reversed_pre, 3), a, atol=0, rtol=0)
 
 
 def test_dare_ties_uses_the_dropped_vectors(pool):
     pre, fts = pool
-    settings = Dare(base="ties_merging", sparsity_ratio=0.5, rescale=True, seed=7)
+    settings = dare("ties_merging", sparsity_ratio=0.5, rescale=True, seed=7)
     experts = as_experts(fts)
     dropped = [
         dict(DroppedExpert(pre, f, i, settings, name).items())
@@ -251,8 +310,34 @@ def test_dare_ties_uses_the_dropped_vectors(pool):
         dense_ties(pre, dropped, 0.3, 20, "sum"),
         atol=1e-6,
     )
-    with pytest.raises(FusionBenchError, match="base"):
-        Dare(base="magmax")
+
+
+def test_dare_presets_are_fusionbench_defaults():
+    from fusion_bench.api import build_method
+
+    ta, _ = build_method("dare_task_arithmetic", {})
+    assert ta.base_method() == TaskArithmetic(scaling_factor=0.3)
+    ties, _ = build_method("dare_ties_merging", {})
+    assert ties.base_method() == TiesMerging(scaling_factor=0.5, threshold=20, merge_func="sum")
+    for method in (ta, ties):
+        assert (method.sparsity_ratio, method.rescale, method.only_on_linear_weights) == (
+            0.5,
+            True,
+            False,
+        )
+
+
+def test_dare_bad_options_are_clear_errors():
+    with pytest.raises(FusionBenchError, match="method.base='nope'"):
+        Dare(base="nope")
+    with pytest.raises(FusionBenchError, match="data-free merge"):
+        Dare(base="regmean")
+    with pytest.raises(FusionBenchError, match="method.base='task_arithmetic'.*thresold"):
+        Dare(base_options={"thresold": 20})
+    with pytest.raises(FusionBenchError, match="merge_func"):
+        Dare(base="ties_merging", base_options={"merge_func": "avg"})
+    with pytest.raises(FusionBenchError, match="sparsity_ratio"):
+        Dare(sparsity_ratio=1.0)
 
 
 # --- MagMax ------------------------------------------------------------------------------------
@@ -321,3 +406,47 @@ def test_method_runs_from_the_cli(method, open_clip_cli_args, tmp_path, capsys):
     )
     assert code == 0, err
     assert f"== {method} ==" in out
+
+
+def _merge_methods_with_exclude_keys() -> list[str]:
+    from fusion_bench.api import method_config
+    from fusion_bench.paths import config_dir
+
+    directory = config_dir() / "method"
+    names = sorted(str(p.relative_to(directory).with_suffix("")) for p in directory.rglob("*.yaml"))
+    names = [n for n in names if "exclude_keys" in method_config(n)]
+    return [n for n in names if method_class(n).kind in ("merge", "sequential")]  # data-free
+
+
+def method_class(name: str) -> type:
+    import importlib
+
+    from fusion_bench.api import method_config
+
+    module, _, cls = method_config(name)["_target_"].rpartition(".")
+    return getattr(importlib.import_module(module), cls)
+
+
+@pytest.mark.parametrize("name", _merge_methods_with_exclude_keys())
+def test_excluded_keys_come_back_in_float32_like_merged_ones(name):
+    """Docs: a merge returns float32 tensors. A half-precision checkpoint's excluded keys were
+    returned in fp16 (copied as stored) while every merged key was float32."""
+    import fusion_bench
+    from fusion_bench.api import build_method
+    from tests.test_method_contract import required
+
+    g = torch.Generator().manual_seed(0)
+    pre = {"a.weight": torch.randn(6, 4, generator=g).half(), "b.weight": torch.randn(5, 3).half()}
+    pre["ids"] = torch.arange(3)
+    experts = [
+        {
+            k: (v + 0.1 * torch.randn(v.shape, generator=g).half()) if v.is_floating_point() else v
+            for k, v in pre.items()
+        }
+        for _ in range(2)
+    ]
+    method, _ = build_method(name, {**required(name), "exclude_keys": ["b.*"]})
+    out = fusion_bench.merge(method, pre, experts)
+    assert out["b.weight"].dtype == torch.float32 and out["a.weight"].dtype == torch.float32
+    assert torch.equal(out["b.weight"], pre["b.weight"].float())  # excluded: θ0 exactly
+    assert out["ids"].dtype == torch.int64
