@@ -56,6 +56,12 @@ FAST = {
     "adamerging_task_wise": {"max_steps": 2, "batch_size": 4},
     "adamerging_layer_wise": {"max_steps": 2, "batch_size": 4},
     "adamerging_plusplus": {"max_steps": 2, "batch_size": 4},
+    "localize_and_stitch_learned": {
+        "num_epochs": 2,
+        "shots_per_class": 2,
+        "max_samples": 8,
+        "batch_size": 4,
+    },
 }
 
 
