@@ -45,6 +45,10 @@ def documented_commands() -> list[tuple[str, str]]:
             if path.suffix == ".md" and line.lstrip().startswith("```"):
                 in_block = not in_block
                 continue
+            if path.suffix == ".yaml" and not re.match(
+                r"\s*#\s{2,}fusion_bench|\s{4,}fusion_bench", line
+            ):
+                continue  # YAML: the indented examples in comments and in the --help footer
             line = line.strip().lstrip("#").strip()
             if in_block and re.match(r"fusion_bench( |$)", line):
                 found.append((f"{path.relative_to(root)}:{n}", line))

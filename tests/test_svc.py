@@ -274,7 +274,10 @@ def vectorised_oracle(w0, experts, merged, alpha):
         ({"base": "fisher_merging"}, "data-free merge"),
         ({"base": "individual"}, "data-free merge"),
         ({"base_options": {"scale": 0.3}}, "no hyper-parameter 'scale'"),
-        ({"base_options": {"scaling_factor": "abc"}}, r"method\.base_options\.scaling_factor='abc'"),
+        (
+            {"base_options": {"scaling_factor": "abc"}},
+            r"method\.base_options\.scaling_factor='abc'",
+        ),
         (
             {"base": "ties_merging", "base_options": {"merge_func": "nope"}},
             "method.base=.ties_merging.",
