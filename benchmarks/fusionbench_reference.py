@@ -62,6 +62,11 @@ def main() -> dict:
     parser.add_argument("out", type=Path)
     parser.add_argument("--kwargs", default="{}", help="JSON constructor arguments (module:Class)")
     parser.add_argument("--seed", type=int, default=None, help="torch.manual_seed before run")
+    parser.add_argument(
+        "--enable-grad",
+        action="store_true",
+        help="run without torch.no_grad() (methods that optimise with autograd, e.g. WUDI)",
+    )
     args = parser.parse_args()
 
     import torch
@@ -80,7 +85,7 @@ def main() -> dict:
         algorithm.fabric = Fabric(accelerator="cpu", devices=1)
     t_imports = time.perf_counter()
 
-    with torch.no_grad():
+    with torch.enable_grad() if args.enable_grad else torch.no_grad():
         merged = algorithm.run(pool)
     t_merge = time.perf_counter()
 

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n", type=int, default=4, help="merge the first N experts")
     parser.add_argument("--seed", type=int, default=None, help="torch seed for the reference")
     parser.add_argument("--tol", type=float, default=1e-5)
+    parser.add_argument(
+        "--reference-grad", action="store_true", help="the reference optimises with autograd"
+    )
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(HERE))
@@ -77,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
         ref += [str(pool), str(args.n), str(ref_dir), "--kwargs", args.reference_kwargs]
         if args.seed is not None:
             ref += ["--seed", str(args.seed)]
+        if args.reference_grad:
+            ref.append("--enable-grad")
         subprocess.run(ref, check=True, env=env, cwd=tmp)
         result = compare(
             load_state_dict_file(ours_dir / "model.safetensors"),
