@@ -39,7 +39,7 @@ def documented_commands() -> list[tuple[str, str]]:
     files = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
     files += sorted((root / "conf").rglob("*.yaml"))
     for path in files:
-        text = path.read_text().replace("\\\n", " ")
+        text = re.sub(r"\\\n\s*#?\s*", " ", path.read_text())  # continuation lines joined
         in_block = path.suffix == ".yaml"  # YAML: every comment line; Markdown: code blocks
         for n, line in enumerate(text.splitlines(), 1):
             if path.suffix == ".md" and line.lstrip().startswith("```"):
