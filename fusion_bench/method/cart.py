@@ -38,11 +38,13 @@ from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.base import Experts, Progress, StateDictMerge
-from fusion_bench.method.wudi import BLOCK_LINEAR_KEYS, GroupedKeys, fused_groups
 from fusion_bench.spectral import top_singular_triplets
 from fusion_bench.tensor_ops import (
+    BLOCK_LINEAR_KEYS,
+    GroupedKeys,
     StateDict,
     expert_tensor,
+    fused_groups,
     is_excluded,
     map_keys,
     parallel_map,

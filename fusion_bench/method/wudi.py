@@ -42,8 +42,7 @@ from __future__ import annotations
 
 import logging
 import math
-import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -52,8 +51,11 @@ from torch import Tensor
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.base import Experts, Progress, StateDictMerge
 from fusion_bench.tensor_ops import (
+    BLOCK_LINEAR_KEYS,
+    GroupedKeys,
     StateDict,
     expert_tensor,
+    fused_groups,
     is_excluded,
     map_keys,
     parallel_map,
@@ -62,12 +64,7 @@ from fusion_bench.tensor_ops import (
 
 log = logging.getLogger(__name__)
 
-# The attention and MLP weights of the transformer blocks, in both canonical layouts: open_clip
-# (attn.in_proj_weight, attn.out_proj.weight, mlp.c_fc.weight, mlp.c_proj.weight) and Hugging Face
-# (self_attn.{q,k,v,out}_proj.weight, mlp.fc1.weight, mlp.fc2.weight). The authors' key filter.
-BLOCK_LINEAR_KEYS = ("*attn.in_proj_weight", "*attn.*_proj.weight", "*mlp.*.weight")
 OTHER_KEYS = ("pretrained", "average")
-_QKV = re.compile(r"^(?P<prefix>.*)\.[qkv]_proj\.weight$")
 Terms = tuple[Tensor, Tensor, float, Tensor]  # (A, B, c, Σ τ_t) of one layer's loss
 
 
@@ -243,57 +240,3 @@ class Adam:
         self.v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = (self.v.sqrt() / math.sqrt(1 - beta2**self.t)).add_(self.eps)
         self.param.addcdiv_(self.m, denom, value=-self.lr / (1 - beta1**self.t))
-
-
-def fused_groups(
-    pretrained: StateDict, optimised: Callable[[str, Tensor], bool], group_qkv: bool
-) -> dict[str, tuple[str, ...]]:
-    """key -> the keys merged together with it: the optimised q/k/v_proj weights of one attention
-    layer (Hugging Face layout) when ``group_qkv``, each other optimised key alone. Row-stacking
-    the group gives open_clip's fused ``in_proj_weight``, what the authors merged."""
-    groups: dict[str, tuple[str, ...]] = {}
-    by_prefix: dict[str, list[str]] = {}
-    for key in pretrained:
-        base = pretrained[key]
-        if not base.is_floating_point() or not optimised(key, base):
-            continue
-        match = _QKV.match(key) if group_qkv else None
-        if match:
-            by_prefix.setdefault(match["prefix"], []).append(key)
-        else:
-            groups[key] = (key,)
-    for keys in by_prefix.values():
-        inputs = {pretrained[k].shape[1] for k in keys}
-        members = [(k,) for k in keys] if len(inputs) > 1 else [tuple(keys)] * len(keys)
-        groups.update(zip(keys, members, strict=True))
-    return groups
-
-
-class GroupedKeys:
-    """A :func:`~fusion_bench.tensor_ops.map_keys` callback: the first key of a group reached merges
-    the whole group (``merge_group(keys, θ0 tensors) -> outputs``) and keeps the other outputs
-    until their keys come; keys in no group go to ``merge_other(key, θ0 tensor)``."""
-
-    def __init__(
-        self,
-        pretrained: StateDict,
-        groups: dict[str, tuple[str, ...]],
-        merge_group: Callable[[Sequence[str], Sequence[Tensor]], list[Tensor]],
-        merge_other: Callable[[str, Tensor], Tensor],
-    ):
-        self.pretrained, self.groups = pretrained, groups
-        self.merge_group, self.merge_other = merge_group, merge_other
-        self.ready: dict[str, Tensor] = {}
-
-    def __call__(self, key: str, base: Tensor) -> Tensor:
-        if key in self.ready:
-            return self.ready.pop(key)
-        if key not in self.groups:
-            return self.merge_other(key, base)
-        keys = self.groups[key]
-        bases = [base if k == key else self.pretrained[k].to(torch.float32) for k in keys]
-        outputs = self.merge_group(keys, bases)
-        for k, out in zip(keys, outputs, strict=True):
-            if k != key:
-                self.ready[k] = out
-        return outputs[keys.index(key)]
