@@ -68,6 +68,18 @@ CASES = [
     Case("model_stock", "model_stock", streaming=False),  # holds the N tensors of one key
     Case("tsv_m", "tsv_m"),  # per key: U, s, V of one tensor, whatever N
     Case("iso_c", "iso_c"),  # per key: one running sum and its Gram matrix
+    # issue 16's data-free merges (not in the default run: `--methods <label> ...`)
+    Case("iso_cts", "iso_cts", default=False),  # per key: the sum and N residual bases
+    Case("svc+task_arithmetic", "svc", default=False),  # base streams; then one SVD per key
+    Case("svc+tsv_m", "svc_tsv_m", default=False),
+    Case("lines+task_arithmetic", "lines", default=False),  # base + one norm pass (alpha: null)
+    Case("dare+ties_merging (preset)", "dare_ties_merging", default=False),
+    Case("consensus", "consensus", default=False),
+    Case("pcb_merging", "pcb_merging", default=False),
+    Case("cart", "cart", default=False),
+    Case("wudi", "wudi", default=False),
+    Case("dc_merge", "dc_merge", default=False),
+    Case("localize_and_stitch", "localize_and_stitch", default=False),
     # continual: experts absorbed one at a time; the state is one running update
     Case("continual/task_arithmetic", "continual/task_arithmetic", default=False),
     Case("continual/opcm", "continual/opcm", default=False),

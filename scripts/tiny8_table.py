@@ -19,17 +19,27 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from fusion_bench.api import method_config  # noqa: E402
 from fusion_bench.report import best, collect  # noqa: E402
 
 LAMBDA_GRID = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0"
 # Methods whose α multiplies a normalised or spectrum-flattened update: their papers select it
 # above 1 too.
-GRIDS = {name: "0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6,1.8,2.0" for name in ("iso_c", "tsv_m")}
+WIDE_GRID = "0.2,0.4,0.6,0.8,1.0,1.2,1.4,1.6,1.8,2.0"
+GRIDS = {name: WIDE_GRID for name in ("iso_c", "iso_cts", "tsv_m", "dc_merge")}
+# Methods whose swept value is not a top-level scaling_factor: (override, grid). A base merge's
+# options are added with ++ where the YAML's base_options is empty.
+SWEEPS = {
+    "dare": ("++method.base_options.scaling_factor", LAMBDA_GRID),
+    "dare_task_arithmetic": ("method.base_options.scaling_factor", LAMBDA_GRID),
+    "dare_ties_merging": ("method.base_options.scaling_factor", LAMBDA_GRID),
+    "svc": ("++method.base_options.scaling_factor", LAMBDA_GRID),
+    "svc_tsv_m": ("++method.base_options.scaling_factor", WIDE_GRID),
+    "lines": ("method.beta", LAMBDA_GRID),  # the authors tune β; α follows from the task count
+}
 RESULTS = ROOT / "docs" / "tiny8_results.json"
 PAGE = ROOT / "docs" / "tiny8.md"
 BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
@@ -64,24 +74,32 @@ def cli(args: list[str], sweep_dir: str) -> list[dict]:
     return collect(Path(sweep_dir))
 
 
+def sweep_of(name: str) -> tuple[str, str] | None:
+    """(override, grid) swept on validation for ``name``, or None (run with its defaults)."""
+    if name in SWEEPS:
+        return SWEEPS[name]
+    config = method_config(name)  # the YAML with the configs it extends merged in
+    if isinstance(config.get("scaling_factor"), (int, float)):
+        return "method.scaling_factor", GRIDS.get(name, LAMBDA_GRID)
+    return None
+
+
 def run_method(name: str) -> dict:
-    """Best setting by validation accuracy (a λ sweep on validation only, when the method has a
-    scalar scaling_factor), then that setting evaluated on validation and test."""
-    config = yaml.safe_load((ROOT / "conf" / "method" / f"{name}.yaml").read_text()) or {}
+    """Best setting by validation accuracy (a sweep on validation only of the method's scale:
+    see sweep_of), then that setting evaluated on validation and test."""
     args = [f"method={name}", *EXTRA.get(name, [])]
     print(f"[tiny8_table] {name}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        if isinstance(config.get("scaling_factor"), (int, float)):
+        swept = sweep_of(name)
+        if swept is not None:
+            override, grid = swept
             rows = cli(
-                [
-                    *args,
-                    "taskpool.splits=[validation]",
-                    f"method.scaling_factor={GRIDS.get(name, LAMBDA_GRID)}",
-                ],
-                f"{tmp}/sweep",
+                [*args, "taskpool.splits=[validation]", f"{override}={grid}"], f"{tmp}/sweep"
             )
-            lam = best(rows)["setting"].split("method.scaling_factor=")[1].split()[0]
-            args.append(f"method.scaling_factor={lam}")
+            key = override.lstrip("+")
+            setting = best(rows)["setting"].split()
+            value = next(t.split("=", 1)[1] for t in setting if t.lstrip("+").startswith(key + "="))
+            args.append(f"{override}={value}")
         (row,) = cli([*args, "taskpool.splits=[validation,test]"], f"{tmp}/final")
     return {k: v for k, v in row.items() if k != "job"}
 
@@ -102,7 +120,7 @@ def table(results: dict[str, dict]) -> str:
     ]
     for name in [m for m in methods() if m in results]:
         r = results[name]
-        common = ("method=", "logger=", "taskpool.splits=")
+        common = ("method=", "logger=", "taskpool.splits=")  # the same in every row
         setting = (
             " ".join(t for t in r["setting"].split() if not t.startswith(common)) or "defaults"
         )
