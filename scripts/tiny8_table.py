@@ -2,13 +2,14 @@
 
     python scripts/tiny8_table.py                 # every method in conf/method/
     python scripts/tiny8_table.py task_arithmetic ties_merging   # only these (others kept)
+    python scripts/tiny8_table.py --table-only    # rewrite the table from the cached results
 
 Every method runs through the CLI on the default pool (tiny8), evaluated on validation and test.
-A method with a scalar `scaling_factor` is swept over LAMBDA_GRID (GRIDS for some) on the
-validation split only,
-and the λ with the best validation accuracy is then evaluated on test (test accuracy never
-selects anything). Results are cached per
-method in docs/tiny8_results.json so that one method can be re-run without the others.
+A method's scale (a scalar `scaling_factor`, or the knob in SWEEPS: a base merge's λ, LiNeS' β)
+is swept over LAMBDA_GRID (GRIDS for some) on the validation split only, and the value with the
+best validation accuracy is then evaluated on test (test accuracy never selects anything).
+Results are cached per method in docs/tiny8_results.json so that one method can be re-run
+without the others.
 """
 
 from __future__ import annotations
@@ -134,8 +135,10 @@ def table(results: dict[str, dict]) -> str:
 
 
 def main(argv: list[str]) -> None:
+    """``--table-only``: rewrite the table from the cached results, running nothing."""
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    for name in argv or methods():
+    table_only = argv == ["--table-only"]
+    for name in [] if table_only else argv or methods():
         results[name] = run_method(name)
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     text = PAGE.read_text()

@@ -62,9 +62,11 @@ def weights_in_order(
         unknown = sorted(set(weights) - set(names))
         missing = [n for n in names if n not in weights]
         if unknown or missing:
+            problems = [f"names experts not in the pool {unknown}"] if unknown else []
+            problems += [f"has no weight for {missing}"] if missing else []
             raise FusionBenchError(
-                f"method.weights names {unknown or 'no unknown experts'} and misses {missing}: "
-                f"give exactly one weight per expert of the pool {list(names)}."
+                f"method.weights {' and '.join(problems)}: give exactly one weight per expert of "
+                f"the pool {list(names)} (or restrict the tasks, e.g. suite.tasks=[...])."
             )
         return [float(weights[n]) for n in names]
     return [float(w) for w in weights]
