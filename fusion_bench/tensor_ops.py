@@ -342,3 +342,21 @@ class GroupedKeys:
             if k != key:
                 self.ready[k] = out
         return outputs[keys.index(key)]
+
+
+def streamed_task_vectors(
+    pretrained: StateDict, experts: Mapping[str, StateDict], keys: Sequence[str]
+) -> Callable[[], Iterator[tuple[int, Tensor]]]:
+    """A re-startable stream of ``(expert index, τ)`` over ``keys``, key by key and expert by
+    expert, θ0 read once per key: the input of :func:`kth_smallest_magnitudes` (the global
+    top-k of TIES, Localize-and-Stitch). τ lives in one reused buffer: use it before the next."""
+    scratch = Scratch()
+
+    def task_vectors() -> Iterator[tuple[int, Tensor]]:
+        for key in keys:
+            base = pretrained[key].to(torch.float32)
+            tau = scratch("tau", base.numel(), torch.float32).view(base.shape)
+            for i, (name, expert) in enumerate(experts.items()):
+                yield i, torch.sub(expert_tensor(expert, key, base, name), base, out=tau)
+
+    return task_vectors

@@ -51,6 +51,7 @@ from fusion_bench.tensor_ops import (
     kth_smallest_magnitudes,
     map_keys,
     mergeable_keys,
+    streamed_task_vectors,
 )
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,7 @@ def localize_thresholds(
     k = int(sparsity * numel)  # as the reference: int(sparsity · numel)
     if k == 0 or not experts:
         return [torch.tensor(float("inf"))] * len(experts)
-    scratch = Scratch()
-
-    def task_vectors():  # key by key, one expert's τ at a time; θ0 read once per key
-        for key in keys:
-            base = pretrained[key].to(torch.float32)
-            tau = scratch("tau", base.numel(), torch.float32).view(base.shape)
-            for i, (name, expert) in enumerate(experts.items()):
-                yield i, torch.sub(expert_tensor(expert, key, base, name), base, out=tau)
+    task_vectors = streamed_task_vectors(pretrained, experts, keys)
 
     # the k-th largest of P values is the (P − k + 1)-th smallest
     return kth_smallest_magnitudes(task_vectors, [numel - k + 1] * len(experts))

@@ -39,6 +39,7 @@ from fusion_bench.tensor_ops import (
     kth_smallest_magnitudes,
     map_keys,
     mergeable_keys,
+    streamed_task_vectors,
 )
 
 
@@ -95,14 +96,7 @@ def ties_thresholds(
     keys = list(mergeable_keys(pretrained, exclude_keys))
     numel = sum(pretrained[k].numel() for k in keys)
     rank = ties_keep_rank(numel, threshold)
-    scratch = Scratch()
-
-    def task_vectors():  # key by key, one expert's τ at a time; θ0 read once per key
-        for key in keys:
-            base = pretrained[key].to(torch.float32)
-            tau = scratch("tau", base.numel(), torch.float32).view(base.shape)
-            for i, (name, expert) in enumerate(experts.items()):
-                yield i, torch.sub(expert_tensor(expert, key, base, name), base, out=tau)
+    task_vectors = streamed_task_vectors(pretrained, experts, keys)
 
     return kth_smallest_magnitudes(task_vectors, [rank] * len(experts))
 
