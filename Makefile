@@ -10,7 +10,7 @@ install:  ## create .venv and install fusion_bench with the test and dev extras
 run:  ## the default job: task arithmetic on tiny8, offline
 	.venv/bin/fusion_bench
 
-test:  ## the README's test command (unit + integration, offline, ~3 min on 2 cores)
+test:  ## the README's test command (unit + integration, offline, ~15 min on 2 cores)
 	$(PY) -m pytest
 
 test-all:  ## include slow tests
