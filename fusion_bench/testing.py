@@ -30,3 +30,14 @@ def as_experts(state_dicts) -> dict:
     """Experts for a method's ``merge(pretrained, experts)``: a list of state dicts named ``#0``,
     ``#1``, ... (as ``fusion_bench.merge`` names a list of experts)."""
     return {f"#{i}": sd for i, sd in enumerate(state_dicts)}
+
+
+def experts_around(make_state, scale: float, n: int = 3) -> tuple[dict, list[dict]]:
+    """(θ0, experts) for the maths tests: θ0 = ``make_state(0)``, expert i = θ0 +
+    ``make_state(i, scale)`` on the floating tensors (integer buffers are θ0's), i = 1..n."""
+    pre = make_state(0)
+    experts = []
+    for i in range(1, n + 1):
+        tau = make_state(i, scale)
+        experts.append({k: v + tau[k] if v.is_floating_point() else v for k, v in pre.items()})
+    return pre, experts

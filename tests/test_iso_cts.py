@@ -16,7 +16,7 @@ from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.iso_c import IsoC
 from fusion_bench.method.iso_cts import IsoCTS, subspace_sizes
 from fusion_bench.spectral import GRAM_CONDITION_LIMIT
-from fusion_bench.testing import as_experts, assert_state_dict_close
+from fusion_bench.testing import as_experts, assert_state_dict_close, experts_around
 from tests.test_memory import EXPERT_MIB, checkpoints, merge_mib  # noqa: F401 (a fixture)
 
 F64 = torch.float64
@@ -38,12 +38,7 @@ MATRICES = ("attn.weight", "mlp.weight")
 
 @pytest.fixture
 def pool():
-    pre = make_state(0)
-    experts = []
-    for i in (1, 2, 3):
-        tau = make_state(i, 0.1)
-        experts.append({k: pre[k] + tau[k] if k != "pos_ids" else pre[k] for k in pre})
-    return pre, experts
+    return experts_around(make_state, 0.1)
 
 
 def svd64(a: torch.Tensor):

@@ -12,7 +12,7 @@ from fusion_bench.method.task_arithmetic import TaskArithmetic
 from fusion_bench.method.tsv_m import TsvM
 from fusion_bench.spectral import polar_factor, top_singular_triplets
 from fusion_bench.tensor_ops import parallel_map
-from fusion_bench.testing import as_experts, assert_state_dict_close
+from fusion_bench.testing import as_experts, assert_state_dict_close, experts_around
 
 
 def make_state(seed: int, scale: float = 1.0) -> dict:
@@ -28,12 +28,7 @@ def make_state(seed: int, scale: float = 1.0) -> dict:
 
 @pytest.fixture
 def pool():
-    pre = make_state(0)
-    experts = []
-    for i in (1, 2, 3):
-        tau = make_state(i, 0.1)
-        experts.append({k: pre[k] + tau[k] if k != "pos_ids" else pre[k] for k in pre})
-    return pre, experts
+    return experts_around(make_state, 0.1)
 
 
 def mean_tau(pre, fts, key):

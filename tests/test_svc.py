@@ -14,7 +14,7 @@ from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.svc import SingularValueCalibration
 from fusion_bench.method.task_arithmetic import TaskArithmetic
 from fusion_bench.method.tsv_m import TsvM
-from fusion_bench.testing import as_experts, assert_state_dict_close
+from fusion_bench.testing import as_experts, assert_state_dict_close, experts_around
 from tests.test_memory import EXPERT_MIB, checkpoints, merge_mib  # noqa: F401 (a fixture)
 
 
@@ -30,12 +30,7 @@ def make_state(seed: int, scale: float = 1.0) -> dict:
 
 @pytest.fixture
 def pool():
-    pre = make_state(0)
-    experts = []
-    for i in (1, 2, 3):
-        tau = make_state(i, 0.1)
-        experts.append({k: pre[k] + tau[k] if k != "pos_ids" else pre[k] for k in pre})
-    return pre, experts
+    return experts_around(make_state, 0.1)
 
 
 def svc(base: str = "task_arithmetic", alpha: float = 0.1, **base_options):

@@ -14,7 +14,7 @@ from fusion_bench.method.cart import Cart, kept_rank
 from fusion_bench.method.simple_average import SimpleAverage
 from fusion_bench.method.task_arithmetic import TaskArithmetic
 from fusion_bench.method.wudi import Wudi, interference_terms, optimise_layer
-from fusion_bench.testing import as_experts, assert_state_dict_close
+from fusion_bench.testing import as_experts, assert_state_dict_close, experts_around
 
 QKV = [f"layers.0.self_attn.{p}_proj.weight" for p in "qkv"]
 OUT = "layers.0.self_attn.out_proj.weight"
@@ -38,12 +38,7 @@ def make_state(seed: int, scale: float = 1.0) -> dict:
 
 @pytest.fixture
 def pool():
-    pre = make_state(0)
-    experts = []
-    for i in (1, 2, 3):
-        tau = make_state(i, 0.05)
-        experts.append({k: pre[k] + tau[k] if k != "position_ids" else pre[k] for k in pre})
-    return pre, experts
+    return experts_around(make_state, 0.05)
 
 
 def fused(state: dict) -> dict:
