@@ -293,6 +293,13 @@ KIND_GIVES = {
 }
 
 
+def require_experts(experts: Experts, method: str) -> None:
+    """A merge of no expert is refused, naming the method (the runner and the API refuse an empty
+    pool first; this guards a direct ``merge(pretrained, {})``)."""
+    if not experts:
+        raise FusionBenchError(f"{method} needs at least one expert in the model pool.")
+
+
 def key_progress(desc: str) -> Callable[[Iterable[str]], Iterable[str]]:
     """A progress bar over state-dict keys (tqdm writes to stderr and hides itself off a TTY
     only when asked, so long merges show progress in logs too)."""

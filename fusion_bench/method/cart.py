@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import Experts, Progress, StateDictMerge
+from fusion_bench.method.base import Experts, Progress, StateDictMerge, require_experts
 from fusion_bench.spectral import top_singular_triplets
 from fusion_bench.tensor_ops import (
     BLOCK_LINEAR_KEYS,
@@ -71,8 +71,7 @@ class Cart(StateDictMerge):
 
     def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
         names, n_tasks = list(experts), len(experts)
-        if n_tasks == 0:
-            raise FusionBenchError("CART needs at least one expert in the model pool.")
+        require_experts(experts, "CART")
         f64 = torch.float64
 
         def merge_group(keys: Sequence[str], bases: Sequence[Tensor]) -> list[Tensor]:

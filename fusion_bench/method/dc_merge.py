@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import Experts, Progress, StateDictMerge
+from fusion_bench.method.base import Experts, Progress, StateDictMerge, require_experts
 from fusion_bench.method.ties_merging import DisjointMerge
 from fusion_bench.spectral import polar_factor, top_singular_triplets
 from fusion_bench.tensor_ops import (
@@ -87,8 +87,7 @@ class DCMerge(StateDictMerge):
 
     def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
         names, n_tasks = list(experts), len(experts)
-        if n_tasks == 0:
-            raise FusionBenchError("DC-Merge needs at least one expert in the model pool.")
+        require_experts(experts, "DC-Merge")
         alpha = self.scaling_factor
 
         def merge_key(key: str, base: Tensor) -> Tensor:

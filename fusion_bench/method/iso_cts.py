@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import Experts, Progress, StateDictMerge
+from fusion_bench.method.base import Experts, Progress, StateDictMerge, require_experts
 from fusion_bench.spectral import EPS64, polar_factor, top_singular_triplets
 from fusion_bench.tensor_ops import (
     StateDict,
@@ -87,8 +87,7 @@ class IsoCTS(StateDictMerge):
 
     def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
         names, n_tasks = list(experts), len(experts)
-        if n_tasks == 0:
-            raise FusionBenchError("Iso-CTS needs at least one expert in the model pool.")
+        require_experts(experts, "Iso-CTS")
         alpha = self.scaling_factor
         f64 = torch.float64
 

@@ -42,7 +42,14 @@ import torch
 from torch import Tensor, nn
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import Context, DataMerge, Experts, Progress, StateDictMerge
+from fusion_bench.method.base import (
+    Context,
+    DataMerge,
+    Experts,
+    Progress,
+    StateDictMerge,
+    require_experts,
+)
 from fusion_bench.taskpool.data import TaskData, check_sample_size
 from fusion_bench.tensor_ops import (
     Scratch,
@@ -110,8 +117,7 @@ class LocalizeAndStitch(StateDictMerge):
         check_sparsity(self.sparsity)
 
     def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
-        if not experts:
-            raise FusionBenchError("Localize-and-Stitch needs at least one expert in the pool.")
+        require_experts(experts, "Localize-and-Stitch")
         kth = localize_thresholds(pretrained, experts, self.sparsity, self.exclude_keys)
         scratch = Scratch()
 

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import Experts, Progress, StateDictMerge, base_merge
+from fusion_bench.method.base import Experts, Progress, StateDictMerge, base_merge, require_experts
 from fusion_bench.spectral import top_singular_triplets
 from fusion_bench.tensor_ops import StateDict, expert_tensor, is_excluded, parallel_map
 
@@ -73,8 +73,7 @@ class SingularValueCalibration(StateDictMerge):
         return max(1.0, self.base_method().models_held(n_experts))
 
     def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
-        if not experts:
-            raise FusionBenchError("SVC needs at least one expert in the model pool.")
+        require_experts(experts, "SVC")
         out = dict(self.base_method().merge(pretrained, experts, progress))
         keys = [
             key

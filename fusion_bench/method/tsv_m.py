@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import Experts, Progress, StateDictMerge
+from fusion_bench.method.base import Experts, Progress, StateDictMerge, require_experts
 from fusion_bench.spectral import polar_factor, top_singular_triplets
 from fusion_bench.tensor_ops import (
     StateDict,
@@ -52,8 +52,7 @@ class TsvM(StateDictMerge):
 
     def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
         names, n_tasks = list(experts), len(experts)
-        if n_tasks == 0:
-            raise FusionBenchError("TSV-M needs at least one expert in the model pool.")
+        require_experts(experts, "TSV-M")
 
         def merge_key(key: str, base: Tensor) -> Tensor:
             if base.dim() != 2 or is_excluded(key, self.average_keys):

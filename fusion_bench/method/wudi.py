@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
-from fusion_bench.method.base import Experts, Progress, StateDictMerge
+from fusion_bench.method.base import Experts, Progress, StateDictMerge, require_experts
 from fusion_bench.tensor_ops import (
     BLOCK_LINEAR_KEYS,
     GroupedKeys,
@@ -97,8 +97,7 @@ class Wudi(StateDictMerge):
             )
 
     def merge(self, pretrained: StateDict, experts: Experts, progress: Progress = None):
-        if not experts:
-            raise FusionBenchError("WUDI needs at least one expert in the model pool.")
+        require_experts(experts, "WUDI")
         groups = fused_groups(pretrained, self.optimised, self.group_qkv)
         window = max(1, torch.get_num_threads())  # layers optimised at once, one thread each
         waiting: list[tuple[Sequence[str], Sequence[Tensor], list[Tensor], Terms]] = []
