@@ -121,7 +121,7 @@ def evaluate(
     ``<split>/<task>/acc``, ``<split>/<task>/loss`` and ``<split>/avg_acc``, as the CLI reports.
     Works for every kind of method; ``fast_dev_run`` does one adaptation step (the task pool's
     own ``fast_dev_run`` limits evaluation to one batch)."""
-    from fusion_bench.method.base import Context, build_classifiers
+    from fusion_bench.method.base import Context, build_classifiers, evaluate_classifiers
 
     if not is_pool(modelpool):
         raise FusionBenchError(
@@ -133,7 +133,7 @@ def evaluate(
     label = label_of(method, instance)
     context = Context(fabric=fabric, fast_dev_run=fast_dev_run)
     model, _state = build_classifiers(instance, modelpool, taskpool.data, context, label)
-    return taskpool.evaluate(model, fabric)
+    return evaluate_classifiers(model, taskpool, fabric)
 
 
 def label_of(method: Any, instance: Any) -> str:

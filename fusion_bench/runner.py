@@ -33,6 +33,7 @@ from fusion_bench.method.base import (
     STATE_DICT_KINDS,
     Context,
     build_classifiers,
+    evaluate_classifiers,
     merged_classifier,
 )
 from fusion_bench.report import read_report
@@ -98,11 +99,11 @@ def run(cfg: DictConfig) -> dict:
         )
         validate_pool(modelpool, method)
         preflight(cfg, taskpool)
-        if cfg.merged_model_save_path and method.kind not in STATE_DICT_KINDS:
+        if cfg.merged_model_save_path and method.kind not in (*STATE_DICT_KINDS, "routed"):
             raise FusionBenchError(
                 f"Method '{method_name}' gives {KIND_GIVES[method.kind]}, not one merged model: "
-                "merged_model_save_path applies only to merging methods. Remove it from the "
-                "command."
+                "merged_model_save_path applies only to merging and routed methods. Remove it "
+                "from the command."
             )
         timings["load_s"] = time.perf_counter() - t
 
@@ -139,7 +140,7 @@ def run(cfg: DictConfig) -> dict:
 
         # 4. evaluate
         t = time.perf_counter()
-        metrics = taskpool.evaluate(model, fabric)
+        metrics = evaluate_classifiers(model, taskpool, fabric)
         timings["evaluate_s"] = time.perf_counter() - t
         # With several processes (fabric.devices > 1) every rank evaluates the same merged model;
         # only rank 0 prints, saves and writes the report (Lightning loggers are rank-0 only).
@@ -150,7 +151,7 @@ def run(cfg: DictConfig) -> dict:
                 order, step_metrics, metrics, taskpool, fabric, model, sequence, loggers
             )
         if outputs:
-            print(format_table(metrics, taskpool.tasks, taskpool.splits, title=method_name))
+            print(evaluation_table(metrics, taskpool, method_name, method.kind))
             if cfg.fast_dev_run:
                 print("fast_dev_run: one batch per task and one adaptation step — not a result")
             if continual and "bwt" in continual:
@@ -179,6 +180,8 @@ def run(cfg: DictConfig) -> dict:
             "config": OmegaConf.to_container(cfg, resolve=True),
             "metrics": metrics,
             **({"continual": continual} if continual else {}),
+            "evaluation": EVALUATION_MODES.get(method.kind, EVALUATION_MODES["merge"]),
+            **({"costs": costs(method, model, modelpool)} if method.kind in COSTED else {}),
             "fast_dev_run": bool(cfg.fast_dev_run),
             "timings": timings,
             "memory": peak_memory(),
@@ -197,7 +200,10 @@ def run(cfg: DictConfig) -> dict:
         write_report(cfg, report, outputs)
         if cfg.merged_model_save_path and outputs:
             try:
-                save_merged(modelpool, merged, Path(cfg.merged_model_save_path), cfg, metrics)
+                if method.kind == "routed":
+                    save_routed(model.model, method, modelpool, cfg, metrics)
+                else:
+                    save_merged(modelpool, merged, Path(cfg.merged_model_save_path), cfg, metrics)
             except (OSError, FusionBenchError) as e:
                 report["save_error"] = str(e)
                 write_report(cfg, report, outputs)
@@ -384,14 +390,29 @@ def save_merged(modelpool, state, path: Path, cfg: DictConfig, metrics: dict) ->
     """``state``: a merged state dict (run() refuses merged_model_save_path for the kinds that
     give none, before any work)."""
     card = model_card(cfg, modelpool, metrics)
-    # Written next to the target under a temporary name, then renamed: a failure (full disk,
-    # kill) never leaves a half-written model at the path.
+    save_directory(path, cfg, lambda tmp: modelpool.save({k: state[k] for k in state}, tmp, card))
+    log.info("merged model saved to %s", path)
+
+
+def save_routed(routed, method, modelpool, cfg: DictConfig, metrics: dict) -> None:
+    """A routed model as a directory (docs/routed.md: config.json + model.safetensors + card)."""
+    from fusion_bench.method.routed.checkpoint import write_routed
+
+    path = Path(cfg.merged_model_save_path)
+    card = routed_card(cfg, metrics)
+    save_directory(path, cfg, lambda tmp: write_routed(routed, method, modelpool, tmp, card))
+    log.info("routed model saved to %s", path)
+
+
+def save_directory(path: Path, cfg: DictConfig, write) -> None:
+    """``write(tmp_dir)`` fills a directory next to ``path`` under a temporary name, which is then
+    renamed: a failure (full disk, kill) never leaves a half-written model at the path."""
     remove_stale_temporaries(path)  # left by a killed run (a model directory each: GBs)
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        modelpool.save({k: state[k] for k in state}, tmp, card)
+        write(tmp)
         for file in tmp.rglob("*"):
             if file.is_file():
                 os.chmod(file, ordinary_mode())
@@ -401,7 +422,7 @@ def save_merged(modelpool, state, path: Path, cfg: DictConfig, metrics: dict) ->
                 os.replace(tmp, kept)
                 raise FusionBenchError(
                     f"'{path}' was created while this run worked (another run?); this run's "
-                    f"merged model is kept at '{kept}'."
+                    f"model is kept at '{kept}'."
                 )
             old = path.with_name(f".{path.name}.replaced-{os.getpid()}")
             os.replace(path, old)
@@ -414,7 +435,21 @@ def save_merged(modelpool, state, path: Path, cfg: DictConfig, metrics: dict) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("merged model saved to %s", path)
+
+
+def routed_card(cfg: DictConfig, metrics: dict) -> str:
+    method = OmegaConf.to_yaml(cfg.method, resolve=True)
+    results = "\n".join(f"| {k} | {v:.4f} |" for k, v in metrics.items() if k.endswith("acc"))
+    return (
+        f"# Routed model ({cfg.get('method_name')})\n\nWritten by fusion_bench: config.json (the "
+        "method and its hyper-parameters, the experts) and model.safetensors (everything the "
+        "routed model stores). Format: docs/routed.md.\n\n"
+        f"## Method and hyper-parameters\n\n```yaml\n{method}```\n\n"
+        f"## Accuracy\n\n| metric | value |\n|---|---|\n{results}\n\n## Use it\n\n"
+        "Evaluate it again (the model pool gives the text tower and the zero-shot heads):\n\n"
+        f"```bash\nfusion_bench method=routed/checkpoint method.path={cfg.merged_model_save_path} "
+        f"modelpool={choice('modelpool')} suite={choice('suite')}\n```\n"
+    )
 
 
 def model_card(cfg: DictConfig, modelpool, metrics: dict) -> str:
@@ -466,20 +501,79 @@ def dry_run(cfg: DictConfig) -> dict:
     return {"dry_run": True, "memory_estimate": estimate}
 
 
-def format_table(metrics: dict[str, float], tasks: list[str], splits: list[str], title: str) -> str:
+EVALUATION_MODES = {
+    "merge": "one model for every task (no task id)",
+    "per_task": "oracle task id: each task's images go to that task's model",
+    "routed": "task-agnostic: the router decides (headline); also oracle task id (oracle/*)",
+    "ensemble": "all experts on every image (no task id)",
+}
+
+
+def evaluation_table(metrics: dict[str, float], taskpool, title: str, kind: str) -> str:
+    """The console table; its title says how the tasks were told apart (evaluation mode)."""
+    splits = taskpool.splits
+    if kind == "routed":
+        columns = [
+            (f"{s} {label}", f"{prefix}{s}")
+            for s in splits
+            for label, prefix in (("acc", ""), ("routing", "routing/"), ("oracle", "oracle/"))
+        ]
+    else:
+        columns = [(f"{s} acc", s) for s in splits]
+    table = format_table(metrics, taskpool.tasks, columns, title)
+    if kind not in ("routed", "per_task"):
+        return table
+    first, rest = table.split("\n", 1)
+    mode = {
+        "routed": "acc: task-agnostic (the router decides); routing: share of a task's images "
+        "routed to its own expert; oracle: acc with the task id given",
+        "per_task": "oracle task id: each task is evaluated on its own model",
+    }[kind]
+    return f"{first}\n{mode}\n{rest}"
+
+
+def format_table(
+    metrics: dict[str, float],
+    tasks: list[str],
+    columns: list[tuple[str, str]] | list[str],
+    title: str,
+) -> str:
+    """``columns``: (header, metric prefix) pairs, or split names (header '<split> acc');
+    a metric the run does not have shows as '-'."""
+    columns = [(f"{c} acc", c) if isinstance(c, str) else c for c in columns]
     width = max(len(t) for t in [*tasks, "average"]) + 2
-    header = "task".ljust(width) + "".join(f"{s + ' acc':>16}" for s in splits)
+    header = "task".ljust(width) + "".join(f"{h:>16}" for h, _ in columns)
+
+    def cell(key: str) -> str:
+        return f"{100 * metrics[key]:>15.2f}%" if key in metrics else f"{'-':>16}"
+
     lines = [f"== {title} ==", header, "-" * len(header)]
     for task in tasks:
-        lines.append(
-            task.ljust(width)
-            + "".join(f"{100 * metrics[f'{s}/{task}/acc']:>15.2f}%" for s in splits)
-        )
+        lines.append(task.ljust(width) + "".join(cell(f"{p}/{task}/acc") for _, p in columns))
     lines.append("-" * len(header))
-    lines.append(
-        "average".ljust(width) + "".join(f"{100 * metrics[f'{s}/avg_acc']:>15.2f}%" for s in splits)
-    )
+    lines.append("average".ljust(width) + "".join(cell(f"{p}/avg_acc") for _, p in columns))
     return "\n".join(lines)
+
+
+COSTED = ("per_task", "routed")
+
+
+def costs(method, model, modelpool) -> dict:
+    """What a per-task or routed method stores and runs, relative to one pretrained image tower
+    (the report's ``costs``; inference throughput is measured by benchmarks/routed_inference.py)."""
+    pretrained = modelpool.pretrained().num_parameters()  # the image tower
+    if method.kind == "routed":
+        stored = model.model.stored_parameters()
+        passes = 1 + model.model.extra_forward_passes
+    else:
+        stored = round(method.stored_models(len(modelpool.expert_names)) * pretrained)
+        passes = 1
+    return {
+        "stored_parameters": stored,
+        "pretrained_parameters": pretrained,
+        "storage_vs_pretrained": stored / pretrained,
+        "forward_passes_per_image": passes,
+    }
 
 
 def peak_memory() -> dict[str, float]:

@@ -139,22 +139,60 @@ class PerTaskMethod(Hyperparameters):
     def models_held(self, n_experts: int) -> float:
         return 0.0  # the evaluator builds each task's model when it reaches that task
 
+    def stored_models(self, n_experts: int) -> float:
+        """What serving every task needs, in pretrained image towers (fp32; a 1-bit mask counts
+        1/32): the storage cost in reports. Default: one full model per task."""
+        return float(n_experts)
+
 
 class RoutedModel(nn.Module):
-    """An image tower whose forward picks or mixes experts per input: ``forward(images (B, 3, H,
-    W)) -> features (B, D)`` in the joint image-text space (what the pool's zero-shot heads
-    expect). ``stored_parameters()`` is what it keeps, for the storage factor in reports."""
+    """An image tower that picks or mixes experts per input.
+
+    ``forward(images (B, 3, H, W), task=None) -> features (B, D)`` in the joint image-text space
+    (what the pool's zero-shot heads expect). ``task=None`` is the task-agnostic mode (the
+    router decides); ``task=<expert name>`` is the oracle-task-id mode (the router is bypassed and
+    that expert's part is used; ``FusionBenchError`` for a name that is not an expert).
+
+    After a task-agnostic forward, ``last_routing`` is a (B, N) tensor of how much each input was
+    routed to each expert (``expert_names`` order; rows of a hard router are one-hot): the
+    evaluator scores routing accuracy as ``argmax == the input's own task``.
+    ``extra_forward_passes`` (tower passes per image beyond one, e.g. MASS's routing pass) and
+    ``stored_parameters()`` are the costs the report lists."""
+
+    extra_forward_passes: ClassVar[int] = 0
+
+    def __init__(self, expert_names: Sequence[str]):
+        super().__init__()
+        self.expert_names = list(expert_names)
+        self.last_routing: Tensor | None = None
+
+    def expert_index(self, task: str) -> int:
+        """The index of expert ``task`` (the oracle task id), or a clear error."""
+        if task not in self.expert_names:
+            raise FusionBenchError(
+                f"Task id '{task}' is not an expert of this routed model (experts: "
+                f"{self.expert_names}); the oracle-task-id mode needs one of those names."
+            )
+        return self.expert_names.index(task)
 
     def stored_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters()) + sum(b.numel() for b in self.buffers())
+        """Numbers the routed model keeps: its ``state_dict()`` (what saving writes; parameters
+        and persistent buffers; a mask entry counts one). Caches rebuilt from these (non-persistent
+        buffers, plain attributes) are not storage."""
+        return sum(t.numel() for t in self.state_dict().values())
 
 
 class RoutedMethod(Hyperparameters):
-    """Builds a :class:`RoutedModel` from the pool (and task data, for trained routers)."""
+    """Builds a :class:`RoutedModel` from the pool (and task data, for trained routers);
+    ``load`` rebuilds a saved one from its ``state_dict()`` (``method=routed/checkpoint``)."""
 
     kind: ClassVar[Kind] = "routed"
 
     def build(self, pool: Any, data: TaskData, context: Context) -> RoutedModel:
+        raise NotImplementedError
+
+    def load(self, pool: Any, expert_names: Sequence[str], state: StateDict) -> RoutedModel:
+        """The routed model this method built, from its saved ``state_dict()``."""
         raise NotImplementedError
 
     def models_held(self, n_experts: int) -> float:
@@ -229,7 +267,6 @@ def build_classifiers(
     """Run ``method`` by its kind: ``(what the evaluator classifies with, the merged state dict or
     None)``. The first is one ``ZeroShotClassifier`` for every task, or a mapping task ->
     classifier (per-task kinds; each built when the evaluator reaches its task)."""
-    import dataclasses
 
     if method.kind in STATE_DICT_KINDS:
         state = merged_state_dict(method, pool, data, context, label)
@@ -237,8 +274,7 @@ def build_classifiers(
     if method.kind == "per_task":
         return PerTaskClassifiers(pool, method.models(pool)), None
     if method.kind == "routed":
-        routed = method.build(pool, data, context)
-        return dataclasses.replace(pool.classifier(routed), features=_call), None
+        return RoutedClassifiers(pool, method.build(pool, data, context)), None
     if method.kind == "ensemble":
         from fusion_bench.method.ensemble import ensemble_classifier
 
@@ -246,14 +282,83 @@ def build_classifiers(
     raise FusionBenchError(f"{type(method).__name__} has an unknown kind {method.kind!r}.")
 
 
+def evaluate_classifiers(
+    model: Any, taskpool: Any, fabric: Any = None, tasks: Sequence[str] | None = None
+) -> dict[str, float]:
+    """What ``build_classifiers`` gave, evaluated on ``taskpool``: routed models in both modes
+    (:meth:`RoutedClassifiers.evaluate`), anything else by the task pool as it is."""
+    if isinstance(model, RoutedClassifiers):
+        return model.evaluate(taskpool, fabric, tasks)
+    return taskpool.evaluate(model, fabric, tasks=tasks)
+
+
+class RoutedClassifiers:
+    """A routed model as the evaluator sees it, in two labelled modes:
+
+    - **task-agnostic** (the router decides): metrics ``<split>/<task>/acc|loss``,
+      ``<split>/avg_acc`` — the headline numbers, comparable with a merged model's — and
+      ``routing/<split>/<task>/acc``: the share of the task's images whose largest routing weight
+      is that task's own expert (tasks that are no expert of the pool have none);
+    - **oracle task id** (each task's images go to that task's expert part): ``oracle/<split>/...``,
+      for the tasks that are experts of the pool — an upper bound on what routing can give.
+    """
+
+    def __init__(self, pool: Any, model: RoutedModel):
+        self.pool, self.model = pool, model
+
+    def classifier(self, features: Callable[[nn.Module, Tensor], Tensor]):
+        import dataclasses
+
+        return dataclasses.replace(self.pool.classifier(self.model), features=features)
+
+    def evaluate(self, taskpool: Any, fabric: Any = None, tasks: Sequence[str] | None = None):
+        tasks = list(taskpool.tasks if tasks is None else tasks)
+        names = self.model.expert_names
+        metrics: dict[str, float] = {}
+        for split in taskpool.splits:
+            hits = {task: [0, 0] for task in tasks}
+            agnostic = {
+                task: self.classifier(_routing_probe(hits[task], task, names)) for task in tasks
+            }
+            metrics |= taskpool.evaluate(agnostic, fabric, tasks=tasks, splits=[split])
+            routed = [t for t in tasks if t in names and hits[t][1]]
+            for task in routed:
+                metrics[f"routing/{split}/{task}/acc"] = hits[task][0] / hits[task][1]
+            if routed:
+                metrics[f"routing/{split}/avg_acc"] = sum(
+                    metrics[f"routing/{split}/{t}/acc"] for t in routed
+                ) / len(routed)
+            own = [t for t in tasks if t in names]
+            if own:
+                oracle = {task: self.classifier(_oracle(task)) for task in own}
+                found = taskpool.evaluate(oracle, fabric, tasks=own, splits=[split])
+                metrics |= {f"oracle/{k}": v for k, v in found.items()}
+        return metrics
+
+
+def _routing_probe(hits: list[int], task: str, names: list[str]):
+    """features(module, images) in the task-agnostic mode, counting the inputs routed to ``task``
+    (own expert) into ``hits`` = [routed to own expert, images]."""
+    own = names.index(task) if task in names else None
+
+    def features(module: nn.Module, images: Tensor) -> Tensor:
+        out = module(images)
+        if own is not None and module.last_routing is not None:
+            hits[0] += int((module.last_routing.argmax(dim=-1) == own).sum())
+            hits[1] += module.last_routing.shape[0]
+        return out
+
+    return features
+
+
+def _oracle(task: str):
+    return lambda module, images: module(images, task=task)
+
+
 def merged_classifier(pool: Any, state: StateDict):
     """The zero-shot classifier of a merged state dict, refused if it holds NaN/Inf."""
     check_finite(state)
     return pool.classifier(pool.build_encoder(state))
-
-
-def _call(module: nn.Module, images: Tensor) -> Tensor:
-    return module(images)
 
 
 class PerTaskClassifiers(Mapping):
@@ -272,6 +377,9 @@ class PerTaskClassifiers(Mapping):
 
     def __len__(self) -> int:
         return len(self.models)
+
+    def __contains__(self, task: object) -> bool:  # Mapping's default would build the model
+        return task in self.models
 
 
 def check_finite(state_dict: StateDict) -> None:

@@ -74,16 +74,17 @@ class CLIPClassificationTaskPool:
         model: ZeroShotClassifier | Mapping[str, ZeroShotClassifier],
         fabric=None,
         tasks: list[str] | None = None,
+        splits: list[str] | None = None,
     ) -> dict[str, float]:
         """Metrics ``<split>/<task>/acc``, ``<split>/<task>/loss`` and ``<split>/avg_acc``.
 
         ``model`` is one classifier for all tasks, or a mapping task -> classifier (e.g. each
-        expert on its own task). ``tasks``: a subset of the pool's tasks (default: all)."""
+        expert on its own task). ``tasks`` / ``splits``: subsets of the pool's (default: all)."""
         from tqdm.auto import tqdm
 
         device = fabric.device if fabric is not None else torch.device("cpu")
         metrics: dict[str, float] = {}
-        for split in self.splits:
+        for split in self.splits if splits is None else splits:
             accs = []
             for task in self.tasks if tasks is None else tasks:
                 classifier = self._classifier_for(model, task)
