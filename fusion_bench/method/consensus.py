@@ -81,10 +81,7 @@ class Consensus(StateDictMerge):
 
     def base_method(self) -> StateDictMerge:
         """The base merge at unit scale, on consensus's keys: its output is θ0 + τ_MTL."""
-        method = base_merge(self.base, self.base_options, "base")
-        names = {f.name for f in dataclasses.fields(method)}
-        own = {"scaling_factor": 1.0, "exclude_keys": list(self.exclude_keys)}
-        return dataclasses.replace(method, **{k: v for k, v in own.items() if k in names})
+        return unit_scale_base(self.base, self.base_options, self.exclude_keys)
 
     def models_held(self, n_experts: int) -> float:
         return self.base_method().models_held(n_experts)
@@ -115,14 +112,34 @@ def consensus_votes(
     the authors' form, computed from the weights as they do (strict inequality). Experts are read
     one at a time, into reused buffers."""
     scratch = scratch or Scratch()
+    votes = torch.zeros(base.shape, dtype=torch.int32)
+    for (name, expert), lam in zip(experts.items(), lambdas, strict=True):
+        votes += tall_mask(base, theta_mtl, expert_tensor(expert, key, base, name), lam, scratch)
+    return votes
+
+
+def tall_mask(
+    base: Tensor, theta_mtl: Tensor, theta: Tensor, lam: float, scratch: Scratch | None = None
+) -> Tensor:
+    """One task's TALL mask of one key, 1{|θ0 − θ_t| > λ_t · |θ_MTL − θ_t|} (the authors' form,
+    strict), as a bool tensor in ``scratch``'s buffer: read it before the next call."""
+    scratch = scratch or Scratch()
     numel, shape = base.numel(), base.shape
     own = scratch("own", numel, torch.float32).view(shape)  # |θ0 − θ_t|
     rest = scratch("rest", numel, torch.float32).view(shape)  # λ_t |θ_MTL − θ_t|
     marked = scratch("marked", numel, torch.bool).view(shape)
-    votes = torch.zeros(shape, dtype=torch.int32)
-    for (name, expert), lam in zip(experts.items(), lambdas, strict=True):
-        theta = expert_tensor(expert, key, base, name)
-        torch.sub(base, theta, out=own).abs_()
-        torch.sub(theta_mtl, theta, out=rest).abs_().mul_(lam)
-        votes += torch.gt(own, rest, out=marked)
-    return votes
+    torch.sub(base, theta, out=own).abs_()
+    torch.sub(theta_mtl, theta, out=rest).abs_().mul_(lam)
+    return torch.gt(own, rest, out=marked)
+
+
+def unit_scale_base(
+    base: str, options: Mapping[str, Any], exclude_keys: list[str], option: str = "base"
+) -> StateDictMerge:
+    """The data-free merge ``base`` (with ``options`` over its YAML defaults) at unit scale, on
+    the keys ``exclude_keys`` leaves: its output is θ0 + τ_MTL, the TALL masks' multi-task model
+    (a base without ``scaling_factor``, e.g. ``simple_average``, is used as it is)."""
+    method = base_merge(base, options, option)
+    names = {f.name for f in dataclasses.fields(method)}
+    own = {"scaling_factor": 1.0, "exclude_keys": list(exclude_keys)}
+    return dataclasses.replace(method, **{k: v for k, v in own.items() if k in names})
