@@ -47,6 +47,7 @@ KIND_BASES = {
 REQUIRED = {
     "weighted_average": {"weights": [1.0, 1.0]},
     "checkpoint": {"path": "<the tiny open_clip pool's pretrained file>"},  # see required()
+    "routed/checkpoint": {"path": "<a routed model saved on the tiny open_clip pool>"},
 }
 # Fast settings for the tiny pools (fewer samples / steps than the papers' defaults).
 FAST = {
@@ -56,6 +57,7 @@ FAST = {
     "adamerging_task_wise": {"max_steps": 2, "batch_size": 4},
     "adamerging_layer_wise": {"max_steps": 2, "batch_size": 4},
     "adamerging_plusplus": {"max_steps": 2, "batch_size": 4},
+    "routed/smile": {"k": 8},  # the default k = 128 exceeds the tiny pool's rank (32)
     "localize_and_stitch_learned": {
         "num_epochs": 2,
         "shots_per_class": 2,
@@ -70,7 +72,26 @@ def required(name: str, files: dict | None = None) -> dict:
     values = dict(REQUIRED.get(name, {}))
     if name == "checkpoint" and files is not None:
         values["path"] = files["pretrained"]  # a whole CLIP file: its image tower is evaluated
+    if name == "routed/checkpoint" and files is not None:
+        values["path"] = saved_routed_model(files)
     return values
+
+
+def saved_routed_model(files: dict) -> str:
+    """A MASS model of the tiny open_clip pool, saved as the runner saves routed models (once)."""
+    from fusion_bench.method.routed.checkpoint import write_routed
+    from fusion_bench.method.routed.mass import Mass
+    from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
+
+    directory = files["root"] / "saved_mass"
+    if not directory.is_dir():
+        pool = OpenCLIPModelPool(
+            files["model_name"], files["pretrained"], files["experts"], model_config=files["config"]
+        )
+        method = Mass()
+        directory.mkdir()
+        write_routed(method.build(pool, None, Context()), method, pool, directory, "# test\n")
+    return str(directory)
 
 
 def settings(name: str, files: dict | None = None) -> dict:
@@ -186,16 +207,22 @@ def test_sequential_kind_gives_the_model_after_every_expert(pools):
 
 
 class FirstExpertTower(RoutedModel):
-    """Routes every image to the first expert: must score exactly as that expert."""
+    """Routes every image to the first expert: must score exactly as that expert (task-agnostic);
+    with a task id, uses that expert (oracle)."""
 
     def __init__(self, pool):
-        super().__init__()
-        name = pool.expert_names[0]
-        self.classifier = pool.classifier(pool.build_encoder(pool.expert(name)))
-        self.encoder = self.classifier.encoder
+        super().__init__(pool.expert_names)
+        self.towers = torch.nn.ModuleList(
+            pool.build_encoder(pool.expert(name)) for name in pool.expert_names
+        )
+        self.features = pool.classifier(self.towers[0]).features
 
-    def forward(self, images):
-        return self.classifier.features(self.encoder, images)
+    def forward(self, images, task=None):
+        index = 0 if task is None else self.expert_index(task)
+        if task is None:
+            self.last_routing = torch.zeros(len(images), len(self.expert_names))
+            self.last_routing[:, 0] = 1.0
+        return self.features(self.towers[index], images)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,21 +231,30 @@ class FirstExpert(RoutedMethod):
         return FirstExpertTower(pool)
 
     def models_held(self, n_experts: int) -> float:
-        return 1.0
+        return float(n_experts)
 
 
-def test_routed_kind_is_evaluated_as_its_module(pools):
+def test_routed_kind_is_evaluated_in_both_modes(pools):
     modelpool, taskpool = pools
     metrics = fusion_bench.evaluate(FirstExpert(), modelpool, taskpool)
     first = modelpool.expert_names[0]
     alone = fusion_bench.evaluate(
         "weighted_ensemble", modelpool, taskpool, weights=[1.0, 0.0], normalize=False
     )
-    assert metrics == pytest.approx(alone, abs=1e-5)
-    tower = FirstExpertTower(modelpool)  # stores one image tower
-    assert tower.stored_parameters() == sum(t.numel() for t in modelpool.expert(first).values())
+    assert {k: v for k, v in metrics.items() if k in alone} == pytest.approx(alone, abs=1e-5)
+    individual = fusion_bench.evaluate("individual", modelpool, taskpool)
+    oracle = {k.removeprefix("oracle/"): v for k, v in metrics.items() if k.startswith("oracle/")}
+    assert oracle == pytest.approx(individual, abs=1e-5)  # the task id picks each task's expert
+    # routing accuracy: every image goes to the first expert
+    assert metrics[f"routing/test/{first}/acc"] == 1.0
+    assert all(metrics[f"routing/test/{t}/acc"] == 0.0 for t in TASKS if t != first)
+    tower = FirstExpertTower(modelpool)  # stores N image towers
+    per_tower = sum(t.numel() for t in modelpool.expert(first).values())
+    assert tower.stored_parameters() == len(TASKS) * per_tower
     with pytest.raises(FusionBenchError, match="routed model"):
         fusion_bench.merge(FirstExpert(), modelpool)
+    with pytest.raises(FusionBenchError, match="not an expert"):
+        tower(torch.zeros(1, 3, 32, 32), task="cifar10")
 
 
 def test_per_task_models_are_built_one_at_a_time(pools, monkeypatch):
