@@ -58,6 +58,23 @@ def methods() -> list[str]:
     return [m for m in FIRST if m in names] + [m for m in names if m not in FIRST]
 
 
+# Routed and task-id methods (conf/method/routed/): their own table, both evaluation modes.
+# Only TALL masks has a knob its authors select on validation (λ_t ∈ {0.2 … 0.6}; one λ for all
+# tasks here); the others run with their papers' defaults (MASS: α = 1 by design).
+ROUTED_SWEEPS = {"routed/tall_masks": ("method.tall_mask_lambda", "0.2,0.3,0.4,0.5,0.6")}
+ROUTED_EXTRA = {
+    "routed/smile": ["method.gate_k=16", "method.k=32"],  # the paper's reported CLIP setting
+    "routed/wemoe": ["method.max_steps=300"],  # as AdaMerging's rows (paper: 1000) on a CPU
+}
+ROUTED_BEGIN, ROUTED_END = "<!-- ROUTED:BEGIN -->", "<!-- ROUTED:END -->"
+SAVED = "routed/checkpoint"  # evaluates a saved model: not a method to tabulate
+
+
+def routed_methods() -> list[str]:
+    folder = ROOT / "conf" / "method" / "routed"
+    return sorted(f"routed/{p.stem}" for p in folder.glob("*.yaml") if f"routed/{p.stem}" != SAVED)
+
+
 def cli(args: list[str], sweep_dir: str) -> list[dict]:
     """Run ``fusion_bench -m <args>`` into ``sweep_dir``; the job reports found there."""
     command = [
@@ -87,11 +104,13 @@ def sweep_of(name: str) -> tuple[str, str] | None:
 
 def run_method(name: str) -> dict:
     """Best setting by validation accuracy (a sweep on validation only of the method's scale:
-    see sweep_of), then that setting evaluated on validation and test."""
-    args = [f"method={name}", *EXTRA.get(name, [])]
+    see sweep_of), then that setting evaluated on validation and test. Routed methods: their
+    report's costs and evaluation mode are kept too."""
+    routed = name.startswith("routed/")
+    args = [f"method={name}", *(ROUTED_EXTRA if routed else EXTRA).get(name, [])]
     print(f"[tiny8_table] {name}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        swept = sweep_of(name)
+        swept = ROUTED_SWEEPS.get(name) if routed else sweep_of(name)
         if swept is not None:
             override, grid = swept
             rows = cli(
@@ -102,7 +121,46 @@ def run_method(name: str) -> dict:
             value = next(t.split("=", 1)[1] for t in setting if t.lstrip("+").startswith(key + "="))
             args.append(f"{override}={value}")
         (row,) = cli([*args, "taskpool.splits=[validation,test]"], f"{tmp}/final")
+        if routed:
+            (report,) = [json.loads(p.read_text()) for p in Path(tmp, "final").rglob("report.json")]
+            row |= {"costs": report.get("costs"), "evaluation": report.get("evaluation")}
     return {k: v for k, v in row.items() if k != "job"}
+
+
+def routed_table(results: dict[str, dict]) -> str:
+    """Task-agnostic (router) and oracle-task-id averages, routing accuracy, costs; the share of
+    the experts' accuracy kept (the papers' headline) against the `individual` row."""
+    experts = results.get("individual", {}).get("test/avg_acc")
+    lines = [
+        "| method | setting | test avg, task-agnostic | kept of experts | routing acc | "
+        "test avg, oracle task id | kept of experts | val avg | stored vs θ0 | passes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def pct(value):
+        return "–" if value is None else f"{100 * value:.1f}"
+
+    def kept(value):
+        return "–" if value is None or not experts else f"{100 * value / experts:.0f} %"
+
+    for name in [m for m in routed_methods() if m in results]:
+        r = results[name]
+        common = ("method=", "logger=", "taskpool.splits=")
+        setting = (
+            " ".join(t for t in r["setting"].split() if not t.startswith(common)) or "defaults"
+        )
+        costs = r.get("costs") or {}
+        per_task = "oracle" in (r.get("evaluation") or "").split(":")[0]
+        agnostic = None if per_task else r.get("test/avg_acc")
+        oracle = r.get("test/avg_acc") if per_task else r.get("oracle/test/avg_acc")
+        lines.append(
+            f"| `{name}` | {setting} | **{pct(agnostic)}** | {kept(agnostic)} | "
+            f"{pct(r.get('routing/test/avg_acc'))} | {pct(oracle)} | {kept(oracle)} | "
+            f"{pct(r.get('validation/avg_acc'))} | "
+            f"{costs.get('storage_vs_pretrained', float('nan')):.2f}× | "
+            f"{costs.get('forward_passes_per_image', '–')} |"
+        )
+    return "\n".join(lines)
 
 
 def table(results: dict[str, dict]) -> str:
@@ -138,16 +196,22 @@ def main(argv: list[str]) -> None:
     """``--table-only``: rewrite the table from the cached results, running nothing."""
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     table_only = argv == ["--table-only"]
-    for name in [] if table_only else argv or methods():
+    for name in [] if table_only else argv or methods() + routed_methods():
         results[name] = run_method(name)
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     text = PAGE.read_text()
-    if BEGIN not in text:
-        text += f"\n## Results\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN)
-    _, tail = rest.split(END)
-    PAGE.write_text(f"{head}{BEGIN}\n{table(results)}\n{END}{tail}")
+    for begin, end, body in (
+        (BEGIN, END, table(results)),
+        (ROUTED_BEGIN, ROUTED_END, routed_table(results)),
+    ):
+        if begin not in text:
+            text += f"\n{begin}\n{end}\n"
+        head, rest = text.split(begin)
+        _, tail = rest.split(end)
+        text = f"{head}{begin}\n{body}\n{end}{tail}"
+    PAGE.write_text(text)
     print(table(results))
+    print(routed_table(results))
 
 
 if __name__ == "__main__":
