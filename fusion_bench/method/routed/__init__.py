@@ -15,7 +15,7 @@ pretrained tower, forward passes per image) are in every report; docs/routed.md 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -77,3 +77,28 @@ def check_layer(layer: int, n_layers: int, option: str) -> int:
             f"(0 … {n_layers - 1}, or −1 for the last)."
         )
     return index
+
+
+class TaskModels(Mapping):
+    """task -> state dict of a per-task method, built by ``build(task)`` only when asked (the
+    evaluator asks for one task at a time, so one task's model is held). ``self.experts``: the
+    pool's experts by task; membership, order and length come from it without building."""
+
+    experts: Mapping
+
+    def build(self, task: str) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def __getitem__(self, task: str) -> dict[str, Tensor]:
+        if task not in self.experts:
+            raise KeyError(task)
+        return self.build(task)
+
+    def __contains__(self, task: object) -> bool:
+        return task in self.experts
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.experts)
+
+    def __len__(self) -> int:
+        return len(self.experts)

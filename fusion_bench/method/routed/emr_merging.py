@@ -27,7 +27,7 @@ Stored to serve all tasks: θ0 + τ_uni + N 1-bit masks + N scalars = 2 + N/32 i
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,7 @@ from fusion_bench.method.base import (
     pool_experts,
     require_experts,
 )
+from fusion_bench.method.routed import TaskModels
 from fusion_bench.tensor_ops import Scratch, StateDict, expert_tensor, map_keys, mergeable_keys
 
 
@@ -115,7 +116,7 @@ def elect(
     return unified, rescalers
 
 
-class EMRModels(Mapping):
+class EMRModels(TaskModels):
     """task -> θ̂_t = θ0 + λ_t · M_t ⊙ τ_uni, built when asked for (reading expert t once to form
     M_t = 1{τ_t ⊙ τ_uni > 0}). ``unified`` (τ_uni) and ``rescalers`` (λ_t) are what EMR stores."""
 
@@ -137,9 +138,7 @@ class EMRModels(Mapping):
         tau = torch.sub(expert_tensor(self.experts[task], key, base, task), base)
         return tau.mul_(self.unified[key]) > 0
 
-    def __getitem__(self, task: str) -> dict[str, Tensor]:
-        if task not in self.experts:
-            raise KeyError(task)
+    def build(self, task: str) -> dict[str, Tensor]:
         lam = self.rescalers[task]
 
         def build_key(key: str, base: Tensor) -> Tensor:
@@ -148,12 +147,3 @@ class EMRModels(Mapping):
             return kept.mul_(lam).add_(base)
 
         return map_keys(self.pretrained, build_key, self.exclude_keys)
-
-    def __contains__(self, task: object) -> bool:
-        return task in self.experts
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.experts)
-
-    def __len__(self) -> int:
-        return len(self.experts)

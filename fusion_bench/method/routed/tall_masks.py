@@ -26,7 +26,7 @@ independent of N. Stored to serve all tasks: θ0 + τ_MTL + N 1-bit masks = 2 + 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +43,7 @@ from fusion_bench.method.base import (
     require_experts,
 )
 from fusion_bench.method.consensus import tall_mask, unit_scale_base
+from fusion_bench.method.routed import TaskModels
 from fusion_bench.tensor_ops import Scratch, StateDict, expert_tensor, map_keys
 
 # Options TALL sets on its base itself (the base runs at unit scale, on TALL's keys).
@@ -106,7 +107,7 @@ class TallMasks(PerTaskMethod):
         return 2.0 + n_experts / 32  # θ0 + τ_MTL + N 1-bit masks
 
 
-class TallModels(Mapping):
+class TallModels(TaskModels):
     """task -> θ̂_t = θ0 + m_t ⊙ τ_MTL, built when asked for (reading expert t once to form its
     TALL mask). ``multi_task`` (θ_MTL) and ``lambdas`` (λ_t) are what the masks are built from."""
 
@@ -129,9 +130,7 @@ class TallModels(Mapping):
         theta_mtl = self.multi_task[key].to(torch.float32)
         return tall_mask(base, theta_mtl, theta, self.lambdas[task], scratch)
 
-    def __getitem__(self, task: str) -> dict[str, Tensor]:
-        if task not in self.experts:
-            raise KeyError(task)
+    def build(self, task: str) -> dict[str, Tensor]:
         scratch = Scratch()
 
         def build_key(key: str, base: Tensor) -> Tensor:
@@ -140,12 +139,3 @@ class TallModels(Mapping):
             return delta.mul_(mask).add_(base)
 
         return map_keys(self.pretrained, build_key, self.exclude_keys)
-
-    def __contains__(self, task: object) -> bool:
-        return task in self.experts
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.experts)
-
-    def __len__(self) -> int:
-        return len(self.experts)
