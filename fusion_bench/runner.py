@@ -35,6 +35,7 @@ from fusion_bench.method.base import (
     build_classifiers,
     evaluate_classifiers,
     merged_classifier,
+    pool_adapters,
 )
 from fusion_bench.report import read_report
 from fusion_bench.sequence import arrival_order, run_sequence, summarize, write_plot
@@ -305,6 +306,8 @@ def validate_pool(modelpool, method=None) -> None:
     pretrained = modelpool.pretrained()
     for name in modelpool.expert_names:
         check_same_architecture(pretrained, modelpool.expert(name), name)
+    if getattr(method, "kind", None) == "lora_merge":  # a LoRA pool; every adapter's header read
+        pool_adapters(modelpool, type(method).__name__)
 
 
 def continual_summary(order, step_metrics, metrics, taskpool, fabric, model, sequence, loggers):

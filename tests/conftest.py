@@ -200,6 +200,59 @@ def tiny_datasets(tmp_path_factory) -> dict[str, str]:
     }
 
 
+# --- LoRA experts: PEFT adapters on the tiny open_clip tower -------------------------------------
+LORA_TARGETS = ["c_fc", "c_proj"]  # nn.Linear modules (PEFT's MultiheadAttention layer is refused)
+
+
+def base_pool(files: dict):
+    """The tiny open_clip CLIP as a LoRA pool's base (no experts of its own)."""
+    from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
+
+    return OpenCLIPModelPool(
+        model_name=files["model_name"],
+        pretrained=files["pretrained"],
+        finetuned={},
+        model_config=files["config"],
+    )
+
+
+def write_adapter(base, directory, seed: int, **options) -> dict:
+    """A PEFT LoRA adapter with random (non-zero) factors on the tiny tower; returns PEFT's own
+    merged tower (``merge_and_unload``) as the ground truth."""
+    torch.manual_seed(seed)
+    import peft
+
+    config = peft.LoraConfig(
+        r=options.pop("r", 4),
+        lora_alpha=options.pop("lora_alpha", 8),
+        target_modules=options.pop("target_modules", LORA_TARGETS),
+        init_lora_weights=False,  # random A and B: a non-zero update
+        **options,
+    )
+    model = peft.get_peft_model(base.build_encoder(), config)
+    model.save_pretrained(str(directory))
+    merged = model.merge_and_unload()
+    return {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def lora_pool_files(open_clip_pool_files, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    base = base_pool(open_clip_pool_files)
+    adapters, truth = {}, {}
+    for i, task in enumerate(TASKS):
+        adapters[task] = str(root / task)
+        truth[task] = write_adapter(base, root / task, seed=10 + i)
+    return {"adapters": adapters, "truth": truth, "root": root}
+
+
+@pytest.fixture(scope="session")
+def lora_pool(open_clip_pool_files, lora_pool_files):
+    from fusion_bench.modelpool.lora import LoRAModelPool
+
+    return LoRAModelPool(base=base_pool(open_clip_pool_files), adapters=lora_pool_files["adapters"])
+
+
 # --- CLI arguments pointing the real configs at the tiny pools ------------------------------------
 def dict_override(mapping: dict[str, str]) -> str:
     """A Hydra command-line dict: {a:'x',b:'y'} (quoted: paths contain characters Hydra parses)."""
@@ -226,6 +279,21 @@ def open_clip_cli_args(open_clip_pool_files, tiny_datasets) -> list[str]:
         f"modelpool.model_config='{f['config']}'",
         f"modelpool.pretrained='{f['pretrained']}'",
         f"modelpool.finetuned={dict_override(f['experts'])}",
+        f"suite.tasks=[{','.join(TASKS)}]",
+        f"taskpool.datasets={dict_override(tiny_datasets)}",
+    ]
+
+
+@pytest.fixture
+def lora_cli_args(open_clip_pool_files, lora_pool_files, tiny_datasets) -> list[str]:
+    f = open_clip_pool_files
+    return [
+        "modelpool=lora",  # the generic LoRA pool, its base switched to an open_clip CLIP
+        "modelpool.base._target_=fusion_bench.modelpool.open_clip.OpenCLIPModelPool",
+        f"+modelpool.base.model_name={f['model_name']}",
+        f"+modelpool.base.model_config='{f['config']}'",
+        f"modelpool.base.pretrained='{f['pretrained']}'",
+        f"modelpool.adapters={dict_override(lora_pool_files['adapters'])}",
         f"suite.tasks=[{','.join(TASKS)}]",
         f"taskpool.datasets={dict_override(tiny_datasets)}",
     ]

@@ -7,6 +7,7 @@ do from ``method.kind``, never from the type of a result.
 |---------------|-------------------|----------------------------------------------------|------------------------|
 | ``merge``     | StateDictMerge    | ``merge(pretrained, experts, progress)``           | merged state dict      |
 | ``data_merge``| DataMerge         | ``merge(pool, data, context)``                     | merged state dict      |
+| ``lora_merge``| LoRAMerge         | ``merge(pretrained, adapters, progress)``          | merged state dict      |
 | ``sequential``| SequentialMerge   | ``start(pretrained, context)``, ``absorb(state, name, expert)``, ``merged(state)`` | merged state dict after each expert |
 | ``per_task``  | PerTaskMethod     | ``models(pool)``                                   | {task: state dict}     |
 | ``routed``    | RoutedMethod      | ``build(pool, data, context)``                     | :class:`RoutedModel`   |
@@ -14,6 +15,9 @@ do from ``method.kind``, never from the type of a result.
 
 - ``pretrained`` and every expert are ``Mapping[str, Tensor]`` in the pool's canonical key layout,
   usually read lazily tensor by tensor; ``experts`` maps expert name -> state dict, in pool order.
+- ``adapters`` (``lora_merge``) maps expert name -> its LoRA factors, {weight key:
+  :class:`~fusion_bench.lora.LowRank`} (a LoRA model pool's ``adapter(name)``); weights no adapter
+  touches are the pretrained ones in every expert.
 - ``data`` is the run's :class:`~fusion_bench.taskpool.data.TaskData` (splits, seeded samples,
   loaders, zero-shot heads), built once by the runner from the task pool.
 - ``context`` (:class:`Context`) carries the device (Fabric), the run's output directory and the
@@ -39,12 +43,14 @@ from fusion_bench.errors import FusionBenchError
 from fusion_bench.tensor_ops import StateDict
 
 if TYPE_CHECKING:
+    from fusion_bench.lora import LowRank
     from fusion_bench.taskpool.data import TaskData
 
-Kind = Literal["merge", "data_merge", "sequential", "per_task", "routed", "ensemble"]
-STATE_DICT_KINDS: tuple[Kind, ...] = ("merge", "data_merge", "sequential")
+Kind = Literal["merge", "data_merge", "lora_merge", "sequential", "per_task", "routed", "ensemble"]
+STATE_DICT_KINDS: tuple[Kind, ...] = ("merge", "data_merge", "lora_merge", "sequential")
 
 Experts = Mapping[str, StateDict]  # expert name -> (lazy) state dict, in the pool's order
+Adapters = Mapping[str, Mapping[str, "LowRank"]]  # expert name -> {weight key: its LoRA factors}
 Progress = Callable[[Iterable[str]], Iterable[str]] | None
 State = TypeVar("State")
 
@@ -105,6 +111,21 @@ class DataMerge(Hyperparameters):
 
     def models_held(self, n_experts: int) -> float:
         raise NotImplementedError
+
+
+class LoRAMerge(Hyperparameters):
+    """Data-free merge of LoRA experts from their low-rank factors, never expanding them to
+    full models (needs a LoRA model pool: ``modelpool=tiny8_lora`` or ``modelpool=lora``)."""
+
+    kind: ClassVar[Kind] = "lora_merge"
+
+    def merge(
+        self, pretrained: StateDict, adapters: Adapters, progress: Progress = None
+    ) -> StateDict:
+        raise NotImplementedError
+
+    def models_held(self, n_experts: int) -> float:
+        return 1.0  # the output; one weight's factors at a time
 
 
 class SequentialMerge(Hyperparameters, Generic[State]):
@@ -224,6 +245,19 @@ def pool_experts(pool: Any) -> dict[str, StateDict]:
     return {name: pool.expert(name) for name in pool.expert_names}
 
 
+def pool_adapters(pool: Any, label: str = "this method") -> dict[str, Mapping[str, LowRank]]:
+    """A LoRA pool's experts as {name: LoRA factors}, in the pool's order; any other pool is
+    refused, naming the fix."""
+    if not hasattr(pool, "adapter"):
+        raise FusionBenchError(
+            f"Method '{label}' merges LoRA factors, but the model pool "
+            f"({type(pool).__name__}) holds full fine-tuned models. Use a LoRA pool: "
+            "modelpool=tiny8_lora, or modelpool=lora with modelpool.adapters={task: PEFT adapter "
+            "directory}. (Every other method also runs on a LoRA pool, on the expanded experts.)"
+        )
+    return {name: pool.adapter(name) for name in pool.expert_names}
+
+
 def merge_sequentially(
     method: SequentialMerge,
     pretrained: StateDict,
@@ -249,6 +283,8 @@ def merged_state_dict(
         return method.merge(pool.pretrained(), pool_experts(pool), key_progress(label))
     if method.kind == "data_merge":
         return method.merge(pool, data, context)
+    if method.kind == "lora_merge":
+        return method.merge(pool.pretrained(), pool_adapters(pool, label), key_progress(label))
     if method.kind == "sequential":
         steps = merge_sequentially(method, pool.pretrained(), pool_experts(pool), context, False)
         last = deque(steps, maxlen=1)

@@ -52,13 +52,20 @@ def vision_keys(keys: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def resolve_hf_dir(location: str) -> Path:
-    """A local directory for a hub id or path; downloads (or reuses the hub cache) when needed."""
+def resolve_hf_dir(
+    location: str,
+    marker: str = "config.json",
+    patterns: Sequence[str] = ("*.json", "*.txt", "model*.safetensors*"),
+    fallback: Sequence[str] = ("*.json", "*.txt", "*.bin"),
+) -> Path:
+    """A local directory for a hub id or path; downloads (or reuses the hub cache) when needed.
+    ``marker``: the file a directory must have; ``patterns`` the files fetched (``fallback`` when
+    they hold no safetensors file). PEFT adapters: ``marker="adapter_config.json"``."""
     local = Path(resolve_path(location))
     if local.exists():
-        if not (local / "config.json").is_file():
+        if not (local / marker).is_file():
             raise FusionBenchError(
-                f"'{local}' exists but has no config.json: point the pool at a directory written "
+                f"'{local}' exists but has no {marker}: point the pool at a directory written "
                 "by `save_pretrained` (or at a Hugging Face hub id)."
             )
         return local
@@ -69,11 +76,10 @@ def resolve_hf_dir(location: str) -> Path:
         )
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.txt", "model*.safetensors*"]
     try:
-        path = Path(snapshot_download(location, allow_patterns=patterns))
+        path = Path(snapshot_download(location, allow_patterns=list(patterns)))
         if not any(path.glob("*.safetensors")):
-            path = Path(snapshot_download(location, allow_patterns=["*.json", "*.txt", "*.bin"]))
+            path = Path(snapshot_download(location, allow_patterns=list(fallback)))
         return path
     except Exception as e:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
