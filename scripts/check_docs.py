@@ -23,7 +23,7 @@ def problems() -> list[str]:
         page = ROOT / "docs" / "methods" / f"{name}.md"
         shared_page = any(
             f"`{name}`" in p.read_text()
-            for p in (ROOT / "docs" / "methods").glob("*.md")
+            for p in (ROOT / "docs" / "methods").rglob("*.md")
             if p != index
         )
         if not page.is_file() and not shared_page:

@@ -38,6 +38,7 @@ METHODS = sorted(str(p.relative_to(METHOD_DIR).with_suffix("")) for p in METHOD_
 KIND_BASES = {
     "merge": base.StateDictMerge,
     "data_merge": base.DataMerge,
+    "lora_merge": base.LoRAMerge,
     "sequential": base.SequentialMerge,
     "per_task": base.PerTaskMethod,
     "routed": base.RoutedMethod,
@@ -129,13 +130,13 @@ def test_method_yaml_reads_only_its_own_group(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_runs_from_the_cli(
-    name, open_clip_cli_args, open_clip_pool_files, tmp_path, capsys
+    name, open_clip_cli_args, lora_cli_args, open_clip_pool_files, tmp_path, capsys
 ):
     values = settings(name, open_clip_pool_files)
     overrides = [f"method.{k}={v}".replace(" ", "") for k, v in values.items()]
     code, out, err = run_cli(
         [
-            *open_clip_cli_args,
+            *(lora_cli_args if name.startswith("lora/") else open_clip_cli_args),
             f"method={name}",
             *overrides,
             "fast_dev_run=true",
@@ -155,8 +156,10 @@ def pools(open_clip_pool, tiny_datasets):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_every_method_runs_through_the_python_api(name, pools, open_clip_pool_files):
+def test_every_method_runs_through_the_python_api(name, pools, lora_pool, open_clip_pool_files):
     modelpool, taskpool = pools
+    if name.startswith("lora/"):  # LoRA merges need LoRA experts
+        modelpool = lora_pool
     values = settings(name, open_clip_pool_files)
     method, _ = build_method(name, values)
     if method.kind in STATE_DICT_KINDS:
