@@ -26,6 +26,9 @@ from fusion_bench.taskpool.data import TaskData
 
 log = logging.getLogger(__name__)
 SPLITS = ("test", "validation")
+# fast_dev_run evaluates one batch of at most this many images per task and split: a smoke test
+# of the whole job, not a measurement (a full batch of 128 tiny8 images costs ~0.4 s per task).
+FAST_DEV_RUN_BATCH = 16
 
 
 class CLIPClassificationTaskPool:
@@ -93,7 +96,12 @@ class CLIPClassificationTaskPool:
                 head = self.data.zero_shot_head(classifier, task, device)
                 ds = self.data.load_split(task, split, self.max_samples_per_task)
                 correct, total, loss_sum = 0, 0, 0.0
-                batches = self.data.loader(ds, task, classifier.preprocess, self.batch_size)
+                batch_size = (
+                    min(self.batch_size, FAST_DEV_RUN_BATCH)
+                    if self.fast_dev_run
+                    else self.batch_size
+                )
+                batches = self.data.loader(ds, task, classifier.preprocess, batch_size)
                 n_batches = 1 if self.fast_dev_run else len(batches)
                 for i, (images, labels) in enumerate(
                     tqdm(batches, total=n_batches, desc=f"{split}/{task}", leave=False)
