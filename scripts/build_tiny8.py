@@ -6,6 +6,7 @@ Recreates, deterministically and from registry packages only (see docs/tiny8.md)
   fusion_bench/data/tiny8/datasets/<task>/{train,validation,test}.parquet   (stage ``data``)
   fusion_bench/data/tiny8/Tiny8-ViT.json + pretrained.safetensors            (stage ``pretrain``)
   fusion_bench/data/tiny8/experts/<task>.safetensors                         (stage ``finetune``)
+  fusion_bench/data/tiny8/lora/<task>/adapter_{config.json,model.safetensors} (stage ``lora``)
   fusion_bench/taskpool/tasks/tiny8_<task>.yaml, conf/suite/tiny8.yaml       (stage ``data``)
 
 and prints a summary (zero-shot and expert accuracy per task, stage ``eval``).
@@ -1068,6 +1069,75 @@ def stage_finetune(args):
 
 
 # --------------------------------------------------------------------------------------------------
+# stage: lora (LoRA experts as PEFT adapters on the image tower; zero-shot head frozen)
+# --------------------------------------------------------------------------------------------------
+# Every block's MLP (c_fc, c_proj: nn.Linear). Not the attention: open_clip's attention is an
+# nn.MultiheadAttention, whose PEFT LoRA layer applies the out_proj update twice (peft <= 0.21.2,
+# huggingface/peft PR #3774), so such adapters do not mean W0 + s·BA; the LoRA pool refuses them.
+LORA_TARGETS = ["c_fc", "c_proj"]
+
+
+def stage_lora(args):
+    """One rank-``--lora-rank`` PEFT LoRA adapter per task on every transformer block's MLP
+    (``c_fc`` 768×192, ``c_proj`` 192×768), lora_alpha = 2 r, trained like the full experts (same
+    data, augmentation, frozen zero-shot head, AdamW + cosine) at the LoRA learning rate."""
+    import copy
+
+    import peft
+    import torch
+    import torch.nn.functional as F
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    model, preprocess, tokenizer = load_pretrained()
+    scale = args.ft_scale or model.logit_scale.exp().item()
+    r = args.lora_rank
+    log(f"lora: rank {r}, lr {args.lora_lr}, {args.lora_steps} steps x batch {args.ft_batch}")
+    for ti, task in enumerate(TASKS):
+        torch.manual_seed(SEED + ti)
+        gen = torch.Generator().manual_seed(SEED + 100 + ti)
+        head = zero_shot_head(model, tokenizer, task)
+        X, y = load_split_tensors(task, "train", preprocess, cache)
+        config = peft.LoraConfig(
+            r=r, lora_alpha=2 * r, target_modules=LORA_TARGETS, lora_dropout=0.0, bias="none"
+        )
+        visual = peft.get_peft_model(copy.deepcopy(model.visual), config)
+        visual.train()
+        params = [p for p in visual.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=args.lora_lr, weight_decay=0.0)
+        steps = args.lora_steps
+        warm = max(1, steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda s, warm=warm, steps=steps: (
+                min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+            ),
+        )
+        t0 = time.time()
+        for _step in range(steps):
+            idx = torch.randint(0, len(y), (args.ft_batch,), generator=gen)
+            xb = augment(X[idx].float(), gen, flip=task in FLIP_OK)
+            f = F.normalize(visual(xb), dim=-1)
+            loss = F.cross_entropy(scale * f @ head, y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+        visual.eval()
+        Xv, yv = load_split_tensors(task, "validation", preprocess, cache)
+        with torch.no_grad():
+            acc = evaluate(visual, head, scale, Xv, yv)
+        out = OUT / "lora" / task
+        if args.fp16:
+            visual = visual.half()
+        visual.peft_config["default"].base_model_name_or_path = MODEL_NAME
+        visual.save_pretrained(str(out))
+        (out / "README.md").unlink(missing_ok=True)  # PEFT's empty model-card template
+        log(f"lora {task}: rank {r}, {steps} steps, val acc {acc:.3f} ({time.time() - t0:.0f}s)")
+
+
+# --------------------------------------------------------------------------------------------------
 # stage: eval (summary: zero-shot and expert test accuracy, loading exactly the shipped artefacts)
 # --------------------------------------------------------------------------------------------------
 def stage_eval(args):
@@ -1108,7 +1178,7 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
-        "--stage", default="all", choices=["data", "pretrain", "finetune", "eval", "all"]
+        "--stage", default="all", choices=["data", "pretrain", "finetune", "lora", "eval", "all"]
     )
     ap.add_argument(
         "--cache", default="/tmp/tiny8_cache", help="build-time tensor cache (not shipped)"
@@ -1172,6 +1242,10 @@ def main(argv=None):
         help="image-tower parameters the experts fine-tune: all (default) or only the attention "
         "modules' q/k/v/out projections (Jin et al., ICLR 2025)",
     )
+    # LoRA experts (stage lora)
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--lora-lr", type=float, default=2e-3)
+    ap.add_argument("--lora-steps", type=int, default=300)
     ap.add_argument("--fp16", type=int, default=1)
     args = ap.parse_args(argv)
     global OUT
@@ -1181,7 +1255,9 @@ def main(argv=None):
 
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    stages = ["data", "pretrain", "finetune", "eval"] if args.stage == "all" else [args.stage]
+    stages = (
+        ["data", "pretrain", "finetune", "lora", "eval"] if args.stage == "all" else [args.stage]
+    )
     for s in stages:
         ts = time.time()
         log(f"=== stage {s} ===")
@@ -1189,6 +1265,7 @@ def main(argv=None):
             "data": stage_data,
             "pretrain": stage_pretrain,
             "finetune": stage_finetune,
+            "lora": stage_lora,
             "eval": stage_eval,
         }[s](args)
         log(f"=== stage {s} done in {time.time() - ts:.0f}s ===")
