@@ -3,6 +3,7 @@
     python scripts/tiny8_table.py                 # every method in conf/method/
     python scripts/tiny8_table.py task_arithmetic ties_merging   # only these (others kept)
     python scripts/tiny8_table.py --table-only    # rewrite the table from the cached results
+    python scripts/tiny8_table.py lora:task_arithmetic lora/core_space   # LoRA rows (tiny8_lora)
 
 Every method runs through the CLI on the default pool (tiny8), evaluated on validation and test.
 A method's scale (a scalar `scaling_factor`, or the knob in SWEEPS: a base merge's λ, LiNeS' β)
@@ -70,6 +71,41 @@ ROUTED_BEGIN, ROUTED_END = "<!-- ROUTED:BEGIN -->", "<!-- ROUTED:END -->"
 SAVED = "routed/checkpoint"  # evaluates a saved model: not a method to tabulate
 
 
+# LoRA experts (modelpool=tiny8_lora): full-space rules on the expanded experts next to the same
+# rules in Core Space and KnOTS. key -> (method, overrides, (swept override, grid) or None). The
+# full-space TIES uses the options its Core Space version starts from (disjoint mean, top-30 %),
+# so that the two rows differ only in the space.
+LORA = {
+    "lora:individual": ("individual", [], None),
+    "lora:task_arithmetic": ("task_arithmetic", [], ("method.scaling_factor", LAMBDA_GRID)),
+    "lora:ties_merging": (
+        "ties_merging",
+        ["method.merge_func=mean", "method.threshold=30"],
+        ("method.scaling_factor", WIDE_GRID),
+    ),
+    "lora:tsv_m": ("tsv_m", [], ("method.scaling_factor", WIDE_GRID)),
+    "lora:iso_c": ("iso_c", [], ("method.scaling_factor", WIDE_GRID)),
+    "lora/core_space": ("lora/core_space", [], ("method.base_options.scaling_factor", LAMBDA_GRID)),
+    "lora/core_space_ties": (
+        "lora/core_space_ties",
+        [],
+        ("method.base_options.scaling_factor", WIDE_GRID),
+    ),
+    "lora/core_space_tsv_m": (
+        "lora/core_space_tsv_m",
+        [],
+        ("method.base_options.scaling_factor", WIDE_GRID),
+    ),
+    "lora/core_space_iso_c": (
+        "lora/core_space_iso_c",
+        [],
+        ("method.base_options.scaling_factor", WIDE_GRID),
+    ),
+    "lora/knots": ("lora/knots", [], ("method.base_options.scaling_factor", WIDE_GRID)),
+}
+LORA_BEGIN, LORA_END = "<!-- LORA:BEGIN -->", "<!-- LORA:END -->"
+
+
 def routed_methods() -> list[str]:
     folder = ROOT / "conf" / "method" / "routed"
     return sorted(f"routed/{p.stem}" for p in folder.glob("*.yaml") if f"routed/{p.stem}" != SAVED)
@@ -105,12 +141,17 @@ def sweep_of(name: str) -> tuple[str, str] | None:
 def run_method(name: str) -> dict:
     """Best setting by validation accuracy (a sweep on validation only of the method's scale:
     see sweep_of), then that setting evaluated on validation and test. Routed methods: their
-    report's costs and evaluation mode are kept too."""
+    report's costs and evaluation mode are kept too. LoRA rows (keys of LORA) run on
+    modelpool=tiny8_lora."""
     routed = name.startswith("routed/")
-    args = [f"method={name}", *(ROUTED_EXTRA if routed else EXTRA).get(name, [])]
+    if name in LORA:
+        method, extra, swept = LORA[name]
+        args = ["modelpool=tiny8_lora", f"method={method}", *extra]
+    else:
+        args = [f"method={name}", *(ROUTED_EXTRA if routed else EXTRA).get(name, [])]
+        swept = ROUTED_SWEEPS.get(name) if routed else sweep_of(name)
     print(f"[tiny8_table] {name}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        swept = ROUTED_SWEEPS.get(name) if routed else sweep_of(name)
         if swept is not None:
             override, grid = swept
             rows = cli(
@@ -163,6 +204,43 @@ def routed_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def lora_table(results: dict[str, dict]) -> str:
+    """Full-space rules on the expanded LoRA experts vs Core Space / KnOTS, per task."""
+    rows = {k: results[k] for k in LORA if k in results}
+    if not rows:
+        return ""
+    tasks = sorted(
+        {
+            k.split("/")[1]
+            for r in rows.values()
+            for k in r
+            if k.startswith("test/") and k.endswith("/acc")
+        }
+    )
+    lines = [
+        "| method | space | setting | "
+        + " | ".join(t.removeprefix("tiny8_") for t in tasks)
+        + " | test avg | val avg |",
+        "|---|---|---|" + "---|" * len(tasks) + "---|---|",
+    ]
+    for key, r in rows.items():
+        method = LORA[key][0]
+        space = "core" if "core_space" in key else "KnOTS" if "knots" in key else "full"
+        if key == "lora:individual":
+            space = "—"
+        common = ("method=", "logger=", "taskpool.splits=", "modelpool=")
+        setting = (
+            " ".join(t for t in r["setting"].split() if not t.startswith(common)) or "defaults"
+        )
+        cells = [f"{100 * r[f'test/{t}/acc']:.1f}" for t in tasks]
+        lines.append(
+            f"| `{method}` | {space} | {setting} | "
+            + " | ".join(cells)
+            + f" | **{100 * r['test/avg_acc']:.1f}** | {100 * r['validation/avg_acc']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def table(results: dict[str, dict]) -> str:
     tasks = sorted(
         {
@@ -196,13 +274,14 @@ def main(argv: list[str]) -> None:
     """``--table-only``: rewrite the table from the cached results, running nothing."""
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     table_only = argv == ["--table-only"]
-    for name in [] if table_only else argv or methods() + routed_methods():
+    for name in [] if table_only else argv or methods() + routed_methods() + list(LORA):
         results[name] = run_method(name)
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     text = PAGE.read_text()
     for begin, end, body in (
         (BEGIN, END, table(results)),
         (ROUTED_BEGIN, ROUTED_END, routed_table(results)),
+        (LORA_BEGIN, LORA_END, lora_table(results)),
     ):
         if begin not in text:
             text += f"\n{begin}\n{end}\n"
@@ -212,6 +291,7 @@ def main(argv: list[str]) -> None:
     PAGE.write_text(text)
     print(table(results))
     print(routed_table(results))
+    print(lora_table(results))
 
 
 if __name__ == "__main__":
