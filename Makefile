@@ -1,7 +1,7 @@
 # Common tasks. The venv lives in .venv (as in the README and .ci/run).
 PY := .venv/bin/python
 
-.PHONY: install run test test-all lint format bench docs tiny8-table ci
+.PHONY: install run test test-all lint format bench bench-lora docs tiny8-table ci
 
 install:  ## create .venv and install fusion_bench with the test and dev extras
 	python3 -m venv .venv
@@ -27,6 +27,9 @@ format:
 
 bench:  ## merge speed/memory benchmarks (see docs/benchmarks.md)
 	$(PY) benchmarks/run_all.py
+
+bench-lora:  ## LoRA merges in Core Space / KnOTS vs the same rule on expanded experts (docs/methods/lora.md)
+	$(PY) benchmarks/lora_merge.py
 
 docs:  ## check that every method config has its docs page and index row
 	$(PY) scripts/check_docs.py

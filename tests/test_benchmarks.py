@@ -79,3 +79,18 @@ def test_harness_table_and_flat_memory(tmp_path):
     assert ta6["rss"] - ta2["rss"] < 1.0 * expert_bytes, (ta2["rss"], ta6["rss"], expert_bytes)
     # the merged output is on disk while the run lasts; the harness cleans its output directory
     assert not (tmp_path / "cache" / "bench" / "out").exists()
+
+
+def test_lora_benchmark_measures_every_space_on_tiny8():
+    """benchmarks/lora_merge.py's measurement, on the shipped tiny8 LoRA experts (in-process:
+    the script runs each cell in a fresh process the same way)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "lora_merge", REPO / "benchmarks" / "lora_merge.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for space in bench.SPACES:
+        cell = bench.one("tiny8", "TA", space)
+        assert cell["seconds"] > 0 and cell["peak_rss_mib"] > 0
