@@ -154,7 +154,10 @@ def run(cfg: DictConfig) -> dict:
         if outputs:
             print(evaluation_table(metrics, taskpool, method_name, method.kind))
             if cfg.fast_dev_run:
-                print("fast_dev_run: one batch per task and one adaptation step — not a result")
+                print(
+                    "fast_dev_run: one batch per task (≤ 16 images) and one adaptation step — "
+                    "not a result"
+                )
             if continual and "bwt" in continual:
                 for split in taskpool.splits:
                     print(
