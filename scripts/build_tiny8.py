@@ -1018,11 +1018,37 @@ def trainable_params(visual, which="all"):
     return [p for p in visual.parameters() if p.requires_grad]
 
 
+def train_tower(visual, params, X, y, head, scale, task, gen, steps, batch, lr, wd):
+    """Train ``params`` of the image tower ``visual`` on one task against its frozen zero-shot
+    ``head``: cross-entropy on scale · normalize(visual(x)) @ head, AdamW (lr, weight decay wd),
+    10 % warm-up + cosine, gradient clipping 1.0, the build's augmentation. Leaves it in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    visual.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))),
+    )
+    for _step in range(steps):
+        idx = torch.randint(0, len(y), (batch,), generator=gen)
+        xb = augment(X[idx].float(), gen, flip=task in FLIP_OK)
+        f = F.normalize(visual(xb), dim=-1)
+        loss = F.cross_entropy(scale * f @ head, y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+    visual.eval()
+
+
 def stage_finetune(args):
     import copy
 
     import torch
-    import torch.nn.functional as F
 
     cache = Path(args.cache)
     model, preprocess, tokenizer = load_pretrained()
@@ -1041,27 +1067,22 @@ def stage_finetune(args):
         visual = copy.deepcopy(model.visual)
         visual.train()
         params = trainable_params(visual, args.ft_params)
-        opt = torch.optim.AdamW(params, lr=args.ft_lr, weight_decay=args.ft_wd)
         steps = args.ft_steps
-        warm = max(1, steps // 10)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            lambda s, warm=warm, steps=steps: (
-                min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-            ),
-        )
         t0 = time.time()
-        for _step in range(steps):
-            idx = torch.randint(0, len(y), (args.ft_batch,), generator=gen)
-            xb = augment(X[idx].float(), gen, flip=task in FLIP_OK)
-            f = F.normalize(visual(xb), dim=-1)
-            loss = F.cross_entropy(scale * f @ head, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-        visual.eval()
+        train_tower(
+            visual,
+            params,
+            X,
+            y,
+            head,
+            scale,
+            task,
+            gen,
+            steps,
+            args.ft_batch,
+            args.ft_lr,
+            args.ft_wd,
+        )
         Xv, yv = load_split_tensors(task, "validation", preprocess, cache)
         acc = evaluate(visual, head, scale, Xv, yv)
         save_state(visual.state_dict(), OUT / "experts" / f"{task}.safetensors", args.fp16)
@@ -1085,7 +1106,6 @@ def stage_lora(args):
 
     import peft
     import torch
-    import torch.nn.functional as F
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -1104,27 +1124,11 @@ def stage_lora(args):
         visual = peft.get_peft_model(copy.deepcopy(model.visual), config)
         visual.train()
         params = [p for p in visual.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=args.lora_lr, weight_decay=0.0)
         steps = args.lora_steps
-        warm = max(1, steps // 10)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt,
-            lambda s, warm=warm, steps=steps: (
-                min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-            ),
-        )
         t0 = time.time()
-        for _step in range(steps):
-            idx = torch.randint(0, len(y), (args.ft_batch,), generator=gen)
-            xb = augment(X[idx].float(), gen, flip=task in FLIP_OK)
-            f = F.normalize(visual(xb), dim=-1)
-            loss = F.cross_entropy(scale * f @ head, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-        visual.eval()
+        train_tower(
+            visual, params, X, y, head, scale, task, gen, steps, args.ft_batch, args.lora_lr, 0.0
+        )
         Xv, yv = load_split_tensors(task, "validation", preprocess, cache)
         with torch.no_grad():
             acc = evaluate(visual, head, scale, Xv, yv)
