@@ -27,6 +27,9 @@ def test_python_api_examples_run_verbatim():
 
     out = fusion_bench.merge(namespace["FirstExpert"](), namespace["pre"], namespace["experts"])
     assert torch.equal(out["w"], torch.tensor([1.0, 0.0, 0.0]))
+    lora = next(b for b in blocks if "LowRank(" in b)
+    exec(lora, namespace)  # noqa: S102
+    torch.testing.assert_close(namespace["merged"]["w"], torch.full((4, 3), 1.5))
 
 
 def documented_commands() -> list[tuple[str, str]]:
