@@ -214,7 +214,15 @@ def build_method(method: Any, hyperparameters: Mapping[str, Any]) -> tuple[Any, 
             f"Method '{method}' has no hyper-parameter {', '.join(map(repr, unknown))}. Valid: "
             f"{', '.join(sorted(valid))}.{hints}"
         )
-    config = {k: v for k, v in {**defaults, **hyperparameters}.items() if not k.startswith("_")}
+    # A dict option (e.g. base_options) is merged over the YAML's dict, as Hydra merges a
+    # command-line dict: the API and the CLI build the same method from the same overrides.
+    merged = {
+        k: {**defaults[k], **v}
+        if isinstance(v, Mapping) and isinstance(defaults.get(k), Mapping)
+        else v
+        for k, v in hyperparameters.items()
+    }
+    config = {k: v for k, v in {**defaults, **merged}.items() if not k.startswith("_")}
     return cls(**config), config
 
 

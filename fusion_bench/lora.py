@@ -39,6 +39,9 @@ from fusion_bench.checkpoint import LazyStateDict
 from fusion_bench.errors import FusionBenchError
 
 ADAPTER_CONFIG = "adapter_config.json"
+# init_lora_weights values with which PEFT rewrites W0 (W0 − B·A at initialisation): such an
+# adapter, unless saved converted (then init_lora_weights is true), is relative to another W0.
+REWRITES_BASE = ("pissa", "olora", "corda", "loftq", "lora_ga")
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # Prefixes of a whole-CLIP layout (open_clip: ``visual.``; Hugging Face CLIPModel and
 # CLIPVisionModel: ``vision_model.``): the image tower's modules, prefix dropped.
@@ -97,7 +100,7 @@ class LoRAAdapter(Mapping[str, LowRank]):
         self.base_model = config.get("base_model_name_or_path")
         modules = self._modules(list(self._file), weights)
         self._factors: dict[str, tuple[str, str, float]] = {}
-        for module, (key_a, key_b) in modules.items():
+        for module, (key_a, key_b, peft_name) in modules.items():
             key = canonical_weight_key(module, tower_shapes, name)
             r_a, n = self._file.shape(key_a)
             m, r_b = self._file.shape(key_b)
@@ -106,16 +109,20 @@ class LoRAAdapter(Mapping[str, LowRank]):
                     f"LoRA adapter '{name}': module '{module}' has factors B {m}×{r_b} and A "
                     f"{r_a}×{n}, which do not fit '{key}' {tuple(tower_shapes[key])} of the pool's "
                     "pretrained model: the adapter was trained on another base model (e.g. "
-                    "another width or patch size). Use adapters of the pool's base model."
+                    "another width). Use adapters of the pool's base model."
                 )
-            r = int(pattern_value(config.get("rank_pattern") or {}, module, config["r"]))
+            # PEFT matches rank_pattern / alpha_pattern on the module's name in the model it
+            # wrapped (with a whole-CLIP prefix such as vision_model., if there was one)
+            r = int(pattern_value(config.get("rank_pattern") or {}, peft_name, config["r"]))
             if r != r_a:
                 raise FusionBenchError(
                     f"LoRA adapter '{name}': module '{module}' has rank {r_a} in "
                     f"{weights.name} but rank {r} in {ADAPTER_CONFIG}: the two files do not "
                     "belong together. Re-save the adapter with PEFT."
                 )
-            alpha = pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+            alpha = pattern_value(
+                config.get("alpha_pattern") or {}, peft_name, config["lora_alpha"]
+            )
             scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
             if key in self._factors:
                 raise FusionBenchError(
@@ -123,8 +130,9 @@ class LoRAAdapter(Mapping[str, LowRank]):
                 )
             self._factors[key] = (key_a, key_b, float(scale))
 
-    def _modules(self, keys: list[str], weights: Path) -> dict[str, tuple[str, str]]:
-        """{module name (wrappers stripped): (lora_A key, lora_B key)}; other keys refused."""
+    def _modules(self, keys: list[str], weights: Path) -> dict[str, tuple[str, str, str]]:
+        """{image-tower module name: (lora_A key, lora_B key, PEFT's module name)}; other keys
+        refused."""
         pairs: dict[str, dict[str, str]] = {}
         for key in keys:
             match = re.fullmatch(
@@ -132,10 +140,11 @@ class LoRAAdapter(Mapping[str, LowRank]):
             )
             if match is None:
                 raise FusionBenchError(
-                    f"LoRA adapter '{self.name}' holds '{key}', which is not a LoRA factor "
-                    "(DoRA magnitudes, trained biases and modules_to_save change the model beyond "
-                    "ΔW = B·A, which the LoRA pool merges). Save the adapter with "
-                    "use_dora=False, bias='none' and no modules_to_save."
+                    f"LoRA adapter '{self.name}' holds '{key}', which is not a LoRA factor pair "
+                    "of a Linear layer (DoRA magnitudes, trained biases, modules_to_save and "
+                    "embedding LoRA change the model beyond ΔW = B·A of a 2-D weight, which the "
+                    "LoRA pool merges). Save the adapter with use_dora=False, bias='none', no "
+                    "modules_to_save, on Linear modules only."
                 )
             pairs.setdefault(match.group(1), {})[match.group(2)] = key
         if not pairs:
@@ -158,7 +167,7 @@ class LoRAAdapter(Mapping[str, LowRank]):
                     "pretrained text tower, so this expert cannot be evaluated as trained. Use "
                     "adapters on the image tower only."
                 )
-            modules[image] = (found["A"], found["B"])
+            modules[image] = (found["A"], found["B"], module)
         return modules
 
     def __getitem__(self, key: str) -> LowRank:
@@ -215,6 +224,20 @@ def read_adapter_config(directory: Path, name: str) -> dict:
         if config.get(option):
             raise FusionBenchError(
                 f"LoRA adapter '{name}': {option}=true is not supported ({why})."
+            )
+    init = config.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(REWRITES_BASE):
+        raise FusionBenchError(
+            f"LoRA adapter '{name}': init_lora_weights={init!r} rewrites the base weights at "
+            "initialisation, so B·A is relative to a modified W0, not to the pool's pretrained "
+            "model. Save it converted to a plain LoRA (PEFT's save_pretrained with "
+            "path_initial_model_for_weight_conversion), which writes init_lora_weights=true."
+        )
+    for option in ("layer_replication", "target_parameters"):
+        if config.get(option):
+            raise FusionBenchError(
+                f"LoRA adapter '{name}': {option}={config[option]!r} is not supported (the "
+                "LoRA pool merges ΔW = s·B·A of the base model's own Linear weights)."
             )
     if config.get("bias", "none") != "none" or config.get("modules_to_save"):
         raise FusionBenchError(

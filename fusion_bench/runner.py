@@ -302,8 +302,9 @@ def validate_pool(modelpool, method=None) -> None:
     """Every expert has the pretrained model's keys and shapes (headers only, nothing loaded), and
     there is an expert to merge (unless the method is the zero-shot baseline)."""
     if not modelpool.expert_names and getattr(method, "needs_experts", True):
+        option = getattr(modelpool, "experts_option", "modelpool.finetuned")
         raise FusionBenchError(
-            "The model pool has no fine-tuned expert (modelpool.finetuned is empty): there is "
+            f"The model pool has no fine-tuned expert ({option} is empty): there is "
             "nothing to merge. Add experts, or run method=pretrained for the zero-shot model."
         )
     pretrained = modelpool.pretrained()

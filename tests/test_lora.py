@@ -1,7 +1,7 @@
 """LoRA experts (PEFT adapters) and the LoRA merges: Core Space and KnOTS.
 
-Oracles: the pool's expanded expert equals PEFT's own ``merge_and_unload`` (Linear and
-MultiheadAttention modules, rsLoRA and per-module alpha); the Core Space projection is lossless
+Oracles: the pool's expanded expert equals PEFT's own ``merge_and_unload`` (Linear modules,
+rsLoRA and per-module alpha; PEFT's MultiheadAttention layer is refused); the Core Space projection is lossless
 (float64, realistic and non-square shapes, ill-conditioned factors); Core Space and KnOTS with
 task arithmetic inside equal task arithmetic on the expanded experts; N identical adapters give
 that adapter; bad adapters fail naming the problem.
@@ -86,7 +86,7 @@ def random_pairs(m: int, n: int, r: int, t: int, seed: int, condition: float = 1
 )
 def test_core_space_projection_is_lossless(m, n, r, t, condition):
     pairs = random_pairs(m, n, r, t, seed=m + n + t, condition=condition)
-    U, V, cores = core_space(pairs, (m, n))
+    U, V, cores = core_space(pairs)
     assert U.shape == (m, min(m, t * r)) and V.shape == (min(n, t * r), n)
     torch.testing.assert_close(U.T @ U, torch.eye(U.shape[1], dtype=torch.float64))
     torch.testing.assert_close(V @ V.T, torch.eye(V.shape[0], dtype=torch.float64))
@@ -307,3 +307,127 @@ def test_hub_adapter_offline_names_the_fix(open_clip_pool_files):
 def test_base_pool_with_its_own_experts_is_refused(open_clip_pool, lora_pool_files):
     with pytest.raises(FusionBenchError, match="finetuned=\\{\\}"):
         LoRAModelPool(base=open_clip_pool, adapters=lora_pool_files["adapters"])
+
+
+# -- review findings (issue 14) -----------------------------------------------------------------
+def test_patterns_match_peft_module_names_with_a_whole_clip_prefix(open_clip_pool_files, tmp_path):
+    """PEFT matches alpha_pattern on the module's name in the model it wrapped: for an adapter
+    trained on a whole CLIP, with the ``visual.`` prefix the pool then drops."""
+    import open_clip
+    import peft
+
+    base = base_pool(open_clip_pool_files)
+    model = open_clip.create_model(open_clip_pool_files["model_name"], pretrained=None)
+    model.visual.load_state_dict(base.build_encoder().state_dict())
+    torch.manual_seed(1)
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=r"visual\..*\.(c_fc|c_proj)",
+        alpha_pattern={r"visual\.transformer\.resblocks\.0\.mlp\.c_fc": 40.0},
+        init_lora_weights=False,
+    )
+    wrapped = peft.get_peft_model(model, config)
+    wrapped.save_pretrained(str(tmp_path / "whole"))
+    truth = wrapped.merge_and_unload().visual.state_dict()
+    pool = LoRAModelPool(base=base, adapters={"x": str(tmp_path / "whole")})
+    for key in truth:
+        torch.testing.assert_close(pool.expert("x")[key], truth[key], rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_ranks_missing_keys_and_small_matrices_keep_task_arithmetic_exact():
+    """Ranks 8, 3, 5, 2; one expert without one weight; m, n smaller than R = 18."""
+    g = torch.Generator().manual_seed(3)
+    pre = {"a": torch.randn(12, 10, generator=g), "b": torch.randn(9, 16, generator=g)}
+    adapters = {}
+    for i, r in enumerate((8, 3, 5, 2)):
+        keys = ("a", "b") if i != 1 else ("a",)
+        adapters[f"t{i}"] = {
+            k: LowRank(
+                torch.randn(pre[k].shape[0], r, generator=g),
+                torch.randn(r, pre[k].shape[1], generator=g),
+            )
+            for k in keys
+        }
+    experts = {
+        n: {k: pre[k] + a[k].full() if k in a else pre[k] for k in pre} for n, a in adapters.items()
+    }
+    full = fusion_bench.merge("task_arithmetic", pre, experts, scaling_factor=0.3)
+    for method in (CoreSpace(), KnOTS(base="task_arithmetic", base_options={})):
+        merged = method.merge(pre, adapters)
+        for key in pre:
+            torch.testing.assert_close(merged[key], full[key], rtol=1e-5, atol=1e-5)
+
+
+def test_initialisations_that_rewrite_the_base_are_refused(
+    lora_pool_files, open_clip_pool_files, tmp_path
+):
+    target = tmp_path / "pissa"
+    shutil.copytree(lora_pool_files["adapters"][TASKS[0]], target)
+    config = json.loads((target / "adapter_config.json").read_text())
+    config["init_lora_weights"] = "pissa_niter_4"
+    (target / "adapter_config.json").write_text(json.dumps(config))
+    pool = LoRAModelPool(base=base_pool(open_clip_pool_files), adapters={"x": str(target)})
+    with pytest.raises(FusionBenchError, match="rewrites the base weights"):
+        pool.adapter("x")
+
+
+def test_an_adapter_naming_another_base_model_warns(
+    lora_pool_files, open_clip_pool_files, tmp_path
+):
+    target = tmp_path / "other"
+    shutil.copytree(lora_pool_files["adapters"][TASKS[0]], target)
+    config = json.loads((target / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "openai/clip-vit-base-patch16"
+    (target / "adapter_config.json").write_text(json.dumps(config))
+    pool = LoRAModelPool(base=base_pool(open_clip_pool_files), adapters={"x": str(target)})
+    with pytest.warns(UserWarning, match="clip-vit-base-patch16"):
+        pool.adapter("x")
+
+
+def test_core_space_scope_model_for_depth_scaled_rules():
+    """LiNeS scales by depth across weights: refused per weight, and with scope=model it equals
+    full-space LiNeS at a given α (L1 norm ratios, α = null, are not rotation invariant)."""
+    g = torch.Generator().manual_seed(4)
+    pre = {
+        f"transformer.resblocks.{i}.mlp.c_fc.weight": torch.randn(16, 12, generator=g)
+        for i in range(3)
+    }
+    adapters = {
+        f"t{t}": {
+            k: LowRank(torch.randn(16, 2, generator=g), torch.randn(2, 12, generator=g))
+            for k in pre
+        }
+        for t in range(2)
+    }
+    experts = {n: {k: pre[k] + a[k].full() for k in pre} for n, a in adapters.items()}
+    options = {"alpha": 0.3, "beta": 0.6}
+    with pytest.raises(FusionBenchError, match="method.scope=model"):
+        CoreSpace(base="lines", base_options=options)
+    merged = CoreSpace(base="lines", base_options=options, scope="model").merge(pre, adapters)
+    full = fusion_bench.merge("lines", pre, experts, **options)
+    for key in pre:
+        torch.testing.assert_close(merged[key], full[key], rtol=1e-5, atol=1e-5)
+
+
+def test_api_merges_base_options_over_the_yaml_like_the_cli():
+    from fusion_bench.api import build_method
+
+    method, _ = build_method("lora/core_space_ties", {"base_options": {"scaling_factor": 0.3}})
+    rule = method.base_method()
+    assert (rule.scaling_factor, rule.threshold, rule.merge_func) == (0.3, 30, "mean")
+
+
+def test_expanded_experts_keep_float32_over_a_half_precision_base():
+    pool_pre = {"w": torch.randn(8, 6).half()}
+
+    class Pre(dict):
+        def shape(self, key):
+            return tuple(self[key].shape)
+
+    from fusion_bench.modelpool.lora import ExpandedLoRA
+
+    adapter = {"w": LowRank(1e-3 * torch.randn(8, 2), torch.randn(2, 6))}
+    expanded = ExpandedLoRA(Pre(pool_pre), adapter)["w"]
+    assert expanded.dtype == torch.float32
+    torch.testing.assert_close(expanded - pool_pre["w"].float(), adapter["w"].full())

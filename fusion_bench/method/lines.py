@@ -31,7 +31,7 @@ import dataclasses
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -46,6 +46,9 @@ BLOCK = re.compile(r"(?:^|\.)(?:layers|resblocks)\.(\d+)\.")
 
 @dataclass(frozen=True)
 class LiNeS(StateDictMerge):
+    # Its scale of a key depends on the other keys (the deepest block, the norm ratio): it must
+    # see the whole model at once (Core Space's per-weight scope refuses it).
+    whole_model: ClassVar[bool] = True
     alpha: float | None = None  # λ of the first block and of keys outside the blocks; None: the
     # authors' multi-task rule ‖Σ_t τ_t‖₁ / (T ‖τ‖₁) (1/T after task arithmetic)
     beta: float = 0.5  # λ(last block) − λ(first block); tuned on validation (authors: 0.1 … 1.0)

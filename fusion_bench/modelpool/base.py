@@ -73,7 +73,9 @@ class ModelPool(Protocol):
 
 
 def resolve_experts(
-    finetuned: Mapping[str, str] | str, tasks: Sequence[str] | None
+    finetuned: Mapping[str, str] | str,
+    tasks: Sequence[str] | None,
+    option: str = "modelpool.finetuned",
 ) -> dict[str, str]:
     """Expert name -> location, from an explicit mapping or a ``{task}`` template over ``tasks``.
 
@@ -83,13 +85,13 @@ def resolve_experts(
     if isinstance(finetuned, str):
         if "{task}" not in finetuned:
             raise FusionBenchError(
-                f"modelpool.finetuned is the string '{finetuned}' without a '{{task}}' "
+                f"{option} is the string '{finetuned}' without a '{{task}}' "
                 "placeholder: give a mapping {task: path} or a template such as "
                 "'checkpoints/{task}.safetensors'."
             )
         if not tasks:
             raise FusionBenchError(
-                "modelpool.finetuned is a template but modelpool.tasks is empty: set "
+                f"{option} is a template but modelpool.tasks is empty: set "
                 "`suite=<ta8|tall14|tall20|...>` or `modelpool.tasks=[...]`."
             )
         return {t: finetuned.format(task=t) for t in tasks}
@@ -98,7 +100,7 @@ def resolve_experts(
         missing = [t for t in tasks if t not in experts]
         if missing:
             raise FusionBenchError(
-                f"No fine-tuned checkpoint for task(s) {missing} in modelpool.finetuned (has "
+                f"No fine-tuned checkpoint for task(s) {missing} in {option} (has "
                 f"{sorted(experts)}). Add them, or remove them from modelpool.tasks."
             )
         experts = {t: experts[t] for t in tasks}

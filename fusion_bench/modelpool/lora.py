@@ -14,6 +14,7 @@ Run: ``fusion_bench modelpool=tiny8_lora method=lora/core_space``
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,10 @@ class ExpandedLoRA(Mapping[str, Tensor]):
         base = self.pretrained[key]
         if key not in self.adapter:
             return base
+        # float32 (the factors' precision), not the checkpoint's dtype: rounding W0 + s·BA back
+        # to a half-precision W0's dtype would add noise of |W0|·2⁻¹¹ to the update
         update = self.adapter[key].full()
-        return (base.to(update.dtype) + update).to(base.dtype)
+        return base.to(update.dtype) + update
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.pretrained)
@@ -77,6 +80,7 @@ class LoRAModelPool:
     """A base pool's pretrained model + one PEFT LoRA adapter per task."""
 
     family = "lora"
+    experts_option = "modelpool.adapters"  # what error messages name
 
     def __init__(
         self,
@@ -98,7 +102,8 @@ class LoRAModelPool:
             )
         self.base = base
         self.adapter_locations = {
-            name: resolve_path(loc) for name, loc in resolve_experts(adapters, tasks).items()
+            name: resolve_path(loc)
+            for name, loc in resolve_experts(adapters, tasks, "modelpool.adapters").items()
         }
         self.expert_names = list(self.adapter_locations)
         self.check_finite = check_finite
@@ -114,10 +119,29 @@ class LoRAModelPool:
         if name not in self._adapters:
             pretrained = self.pretrained()
             shapes = {key: tuple(pretrained.shape(key)) for key in pretrained}
-            self._adapters[name] = LoRAAdapter(
+            adapter = LoRAAdapter(
                 adapter_dir(self.adapter_locations[name]), name, shapes, self.check_finite
             )
+            self._check_base(adapter)
+            self._adapters[name] = adapter
         return self._adapters[name]
+
+    def _check_base(self, adapter: LoRAAdapter) -> None:
+        """Shapes cannot tell ViT-B/16 from ViT-B/32, or OpenAI's weights from LAION's: warn when
+        the adapter names a base model (``base_model_name_or_path``) that is not the pool's."""
+        named = adapter.base_model
+        if not named:
+            return
+        described = self.base.describe()
+        ours = {str(described.get(k)) for k in ("pretrained", "model_name") if described.get(k)}
+        ours |= {Path(o).name for o in ours} | {Path(o).stem for o in ours}
+        if named not in ours and Path(named).name not in ours:
+            warnings.warn(
+                f"LoRA adapter '{adapter.name}' was trained on '{named}' (its "
+                f"adapter_config.json), but the pool's base model is {sorted(ours)}. If that is "
+                "another model, the merged update is applied to weights it was not trained on.",
+                stacklevel=2,
+            )
 
     def expert(self, name: str) -> ExpandedLoRA:
         return ExpandedLoRA(self.pretrained(), self.adapter(name))

@@ -9,9 +9,11 @@ For every weight that T LoRA experts adapt, ΔW_t = B_t A_t (B_t: m×r_t, A_t: r
    factors without forming ΔW_t. The projection is lossless: U M_t V = B_t A_t, because the
    columns of every B_t lie in span(U) and the rows of every A_t in span(V);
 3. the merge rule ``base`` (any data-free merge of ``conf/method/``: task arithmetic, TIES, TSV-M,
-   Iso-C, DARE, CART ...) runs on the T core matrices of this weight as if they were its task
-   matrices (pretrained = 0), one weight at a time as the authors' ``MatrixPerLayerMerger`` does
-   (TIES trims each weight's cores, not the whole model);
+   Iso-C, DARE, CART ...) runs on the T core matrices as if they were the task matrices
+   (pretrained = 0). ``scope: weight`` (default): one weight at a time, as the authors'
+   ``MatrixPerLayerMerger`` does (TIES trims each weight's cores); ``scope: model``: one call over
+   every adapted weight's cores (TIES trims over the whole model; LiNeS, which scales by depth,
+   and CART/WUDI's q/k/v grouping need it);
 4. ΔW = U M V, θ = θ0 + ΔW (the base's scaling factor is the paper's λ).
 
 Linear rules give exactly their full-space result (Core Space + task arithmetic = task
@@ -26,7 +28,8 @@ truncation), same core matrices, same reconstruction; see docs/methods/lora/core
 
 Run: ``fusion_bench modelpool=tiny8_lora method=lora/core_space`` (base: task arithmetic) or
 ``method=lora/core_space_ties`` / ``core_space_tsv_m`` / ``core_space_iso_c``.
-Memory: the merged model + one weight's factors, bases and T cores (R×R each): never a full ΔW_t.
+Memory: the merged model + one weight's factors, bases and T cores (R×R each): never a full ΔW_t
+(``scope: model``: + every weight's U, V and T cores, ~T·R² + R·(m + n) numbers per weight).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fusion_bench.errors import FusionBenchError
 from fusion_bench.lora import LowRank
 from fusion_bench.method.base import (
     Adapters,
@@ -51,7 +55,7 @@ from fusion_bench.method.lora import adapted_keys, factors, with_updates
 from fusion_bench.tensor_ops import StateDict
 
 
-def core_space(pairs: Sequence[LowRank | None], shape: tuple[int, int]):
+def core_space(pairs: Sequence[LowRank | None]):
     """(U m×R', V R''×n, [M_t R'×R'']) for one weight; a missing pair has a zero core."""
     present = [p for p in pairs if p is not None]
     B = torch.cat([p.B for p in present], dim=1)
@@ -71,25 +75,70 @@ def core_space(pairs: Sequence[LowRank | None], shape: tuple[int, int]):
 class CoreSpace(LoRAMerge):
     base: str = "task_arithmetic"  # the merge rule run on the core matrices (a conf/method/ name)
     base_options: dict[str, Any] = field(default_factory=dict)  # over the base's YAML defaults
+    scope: str = "weight"  # weight: the rule per weight (the authors'); model: over all at once
 
     def __post_init__(self):
-        self.base_method()  # the base's name and options are checked before anything is loaded
+        if self.scope not in SCOPES:
+            raise FusionBenchError(
+                f"method.scope={self.scope!r}: choose 'weight' (the rule on each weight's cores, "
+                "as the authors) or 'model' (one call over every weight's cores)."
+            )
+        rule = (
+            self.base_method()
+        )  # the base's name and options are checked before anything is loaded
+        if self.scope == "weight" and getattr(rule, "whole_model", False):
+            raise FusionBenchError(
+                f"method.base={self.base!r} scales each weight by its place in the whole model, "
+                "which a per-weight rule cannot see. Use method.scope=model."
+            )
+        if self.scope == "weight" and getattr(rule, "group_qkv", False):
+            raise FusionBenchError(
+                f"method.base={self.base!r} with group_qkv=true treats a layer's q/k/v weights "
+                "as one, which a per-weight rule cannot do. Use method.scope=model, or "
+                "method.base_options.group_qkv=false (each weight's cores on their own, as the "
+                "Core Space authors run CART)."
+            )
 
     def base_method(self) -> StateDictMerge:
         return base_merge(self.base, dict(self.base_options))
+
+    def models_held(self, n_experts: int) -> float:
+        return 1.0  # the output; scope=model adds every weight's cores and bases (small, R ≪ m, n)
 
     def merge(self, pretrained: StateDict, adapters: Adapters, progress: Progress = None):
         require_experts(adapters, "Core Space")
         rule = self.base_method()
         names = list(adapters)
+        keys = adapted_keys(pretrained, adapters)
+
+        def project(key: str):
+            U, V, cores = core_space(factors(adapters, key))
+            return U, V, {n: c.to(torch.float32) for n, c in zip(names, cores, strict=True)}
+
+        def merged_cores(projected: dict) -> dict[str, Tensor]:
+            zeros = {
+                key: torch.zeros_like(next(iter(p[2].values()))) for key, p in projected.items()
+            }
+            experts = {n: {key: p[2][n] for key, p in projected.items()} for n in names}
+            return rule.merge(zeros, experts)
+
+        if self.scope == "model":
+            projected = {key: project(key) for key in (progress(keys) if progress else keys)}
+            merged = merged_cores(projected)
+            return with_updates(
+                pretrained,
+                keys,
+                lambda key, base: (
+                    projected[key][0] @ merged[key].to(torch.float64) @ projected[key][1]
+                ),
+            )
 
         def update(key: str, base: Tensor) -> Tensor:
-            U, V, cores = core_space(factors(adapters, key), tuple(base.shape))
-            zero = torch.zeros(cores[0].shape, dtype=torch.float32)
-            merged = rule.merge(
-                {key: zero},
-                {n: {key: c.to(torch.float32)} for n, c in zip(names, cores, strict=True)},
-            )[key]
+            U, V, cores = project(key)
+            merged = merged_cores({key: (U, V, cores)})[key]
             return U @ merged.to(torch.float64) @ V
 
-        return with_updates(pretrained, adapted_keys(pretrained, adapters), update, progress)
+        return with_updates(pretrained, keys, update, progress)
+
+
+SCOPES = ("weight", "model")

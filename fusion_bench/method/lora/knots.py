@@ -19,8 +19,9 @@ Checked against the authors' code (github.com/gstoica27/KnOTS, ``task_merger.py:
 and ``masking_ops.py``): same concatenation, threshold, representation diag(S)V_t, global TIES
 with disjoint mean, reassembly; see docs/methods/lora/knots.md.
 
-Run: ``fusion_bench modelpool=tiny8_lora method=lora/knots`` (KnOTS-TIES) or
-``method=lora/knots method.base=task_arithmetic`` (KnOTS-TA, which equals task arithmetic).
+Run: ``fusion_bench modelpool=tiny8_lora method=lora/knots`` (KnOTS-TIES); another rule:
+``method.base=task_arithmetic '~method.base_options.threshold' '~method.base_options.merge_func'``
+(KnOTS-TA, which equals task arithmetic).
 Memory: the merged model + U of every adapted weight and T representations k×n per weight
 (k ≤ Σ r_t): about T times the adapters' A factors, never a full ΔW_t.
 """
