@@ -85,7 +85,11 @@ LORA = {
     ),
     "lora:tsv_m": ("tsv_m", [], ("method.scaling_factor", WIDE_GRID)),
     "lora:iso_c": ("iso_c", [], ("method.scaling_factor", WIDE_GRID)),
-    "lora/core_space": ("lora/core_space", [], ("++method.base_options.scaling_factor", LAMBDA_GRID)),
+    "lora/core_space": (
+        "lora/core_space",
+        [],
+        ("++method.base_options.scaling_factor", LAMBDA_GRID),
+    ),
     "lora/core_space_ties": (
         "lora/core_space_ties",
         [],
