@@ -75,20 +75,23 @@ SAVED = "routed/checkpoint"  # evaluates a saved model: not a method to tabulate
 # rules in Core Space and KnOTS. key -> (method, overrides, (swept override, grid) or None). The
 # full-space TIES uses the options its Core Space version starts from (disjoint mean, top-30 %),
 # so that the two rows differ only in the space.
+# LoRA updates (s = 2) select the smallest λ of LAMBDA_GRID for task arithmetic and TSV-M: a grid
+# that extends below it, so that the selected value is not at the grid's edge.
+LORA_LOW_GRID = "0.02,0.05,0.1,0.15,0.2,0.3,0.5"
 LORA = {
     "lora:individual": ("individual", [], None),
-    "lora:task_arithmetic": ("task_arithmetic", [], ("method.scaling_factor", LAMBDA_GRID)),
+    "lora:task_arithmetic": ("task_arithmetic", [], ("method.scaling_factor", LORA_LOW_GRID)),
     "lora:ties_merging": (
         "ties_merging",
         ["method.merge_func=mean", "method.threshold=30"],
         ("method.scaling_factor", WIDE_GRID),
     ),
-    "lora:tsv_m": ("tsv_m", [], ("method.scaling_factor", WIDE_GRID)),
+    "lora:tsv_m": ("tsv_m", [], ("method.scaling_factor", LORA_LOW_GRID)),
     "lora:iso_c": ("iso_c", [], ("method.scaling_factor", WIDE_GRID)),
     "lora/core_space": (
         "lora/core_space",
         [],
-        ("++method.base_options.scaling_factor", LAMBDA_GRID),
+        ("++method.base_options.scaling_factor", LORA_LOW_GRID),
     ),
     "lora/core_space_ties": (
         "lora/core_space_ties",
@@ -98,7 +101,7 @@ LORA = {
     "lora/core_space_tsv_m": (
         "lora/core_space_tsv_m",
         [],
-        ("method.base_options.scaling_factor", WIDE_GRID),
+        ("method.base_options.scaling_factor", LORA_LOW_GRID),
     ),
     "lora/core_space_iso_c": (
         "lora/core_space_iso_c",
