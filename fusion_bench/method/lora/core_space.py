@@ -95,7 +95,7 @@ class CoreSpace(LoRAMerge):
             raise FusionBenchError(
                 f"method.base={self.base!r} with group_qkv=true treats a layer's q/k/v weights "
                 "as one, which a per-weight rule cannot do. Use method.scope=model, or "
-                "method.base_options.group_qkv=false (each weight's cores on their own, as the "
+                "++method.base_options.group_qkv=false (each weight's cores on their own, as the "
                 "Core Space authors run CART)."
             )
 
