@@ -7,6 +7,7 @@ Recreates, deterministically and from registry packages only (see docs/tiny8.md)
   fusion_bench/data/tiny8/Tiny8-ViT.json + pretrained.safetensors            (stage ``pretrain``)
   fusion_bench/data/tiny8/experts/<task>.safetensors                         (stage ``finetune``)
   fusion_bench/data/tiny8/lora/<task>/adapter_{config.json,model.safetensors} (stage ``lora``)
+  fusion_bench/data/tiny8/scratch/{seed0,seed1,seed2,w128_seed3}.safetensors (stage ``scratch``)
   fusion_bench/taskpool/tasks/tiny8_<task>.yaml, conf/suite/tiny8.yaml       (stage ``data``)
 
 and prints a summary (zero-shot and expert accuracy per task, stage ``eval``).
@@ -1142,6 +1143,80 @@ def stage_lora(args):
 
 
 # --------------------------------------------------------------------------------------------------
+# stage: scratch (differently initialised image towers, for fusion by alignment: issue 15)
+# --------------------------------------------------------------------------------------------------
+# (file stem, width, seed): three towers of the tiny8 architecture from different random
+# initialisations, and one narrower (width 128, 4 heads) for heterogeneous fusion.
+SCRATCH = [("seed0", 192, 0), ("seed1", 192, 1), ("seed2", 192, 2), ("w128_seed3", 128, 3)]
+
+
+def stage_scratch(args):
+    """Image towers trained from random initialisation (no pre-training, no shared start) as one
+    joint 8-task classifier each: every step takes a batch of one task (round robin) and
+    classifies it against that task's frozen zero-shot head of the pretrained tiny8 text tower,
+    so every tower lives in the same joint space and is evaluated like any tiny8 image tower.
+    AdamW (lr --scratch-lr, weight decay 0.1), 10 % warm-up + cosine, --scratch-steps steps of
+    --ft-batch images, gradient clipping 1.0, the build's augmentation."""
+    import open_clip
+    import torch
+    import torch.nn.functional as F
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    model, preprocess, tokenizer = load_pretrained()
+    scale = model.logit_scale.exp().item()
+    heads = {t: zero_shot_head(model, tokenizer, t) for t in TASKS}
+    train = {t: load_split_tensors(t, "train", preprocess, cache) for t in TASKS}
+    val = {t: load_split_tensors(t, "validation", preprocess, cache) for t in TASKS}
+    out = OUT / "scratch"
+    out.mkdir(parents=True, exist_ok=True)
+    for stem, width, seed in SCRATCH:
+        name = MODEL_NAME  # registered by load_pretrained; a narrower tower has its own config
+        if width != args.width:
+            config = model_config(args)
+            config["vision_cfg"]["width"] = width
+            name = f"{MODEL_NAME}-w{width}"
+            (out / f"{name}.json").write_text(json.dumps(config, indent=2) + "\n")
+            open_clip.add_model_config(str(out / f"{name}.json"))
+        torch.manual_seed(SEED + 1000 + seed)
+        visual = open_clip.create_model(name, pretrained=None).visual
+        gen = torch.Generator().manual_seed(SEED + 2000 + seed)
+        params = [p for p in visual.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=args.scratch_lr, weight_decay=0.1)
+        steps = args.scratch_steps
+        warm = max(1, steps // 10)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt,
+            lambda s, warm=warm, steps=steps: (
+                min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+            ),
+        )
+        visual.train()
+        t0 = time.time()
+        for step in range(steps):
+            task = TASKS[step % len(TASKS)]
+            X, y = train[task]
+            idx = torch.randint(0, len(y), (args.ft_batch,), generator=gen)
+            xb = augment(X[idx].float(), gen, flip=task in FLIP_OK)
+            f = F.normalize(visual(xb), dim=-1)
+            loss = F.cross_entropy(scale * f @ heads[task], y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+        visual.eval()
+        accs = {t: evaluate(visual, heads[t], scale, *val[t]) for t in TASKS}
+        save_state(visual.state_dict(), out / f"{stem}.safetensors", args.fp16)
+        log(
+            f"scratch {stem} (width {width}, seed {seed}): {steps} steps, val acc "
+            f"{np.mean(list(accs.values())):.3f} "
+            + " ".join(f"{t} {a:.2f}" for t, a in accs.items())
+            + f" ({time.time() - t0:.0f}s)"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
 # stage: eval (summary: zero-shot and expert test accuracy, loading exactly the shipped artefacts)
 # --------------------------------------------------------------------------------------------------
 def stage_eval(args):
@@ -1182,7 +1257,9 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument(
-        "--stage", default="all", choices=["data", "pretrain", "finetune", "lora", "eval", "all"]
+        "--stage",
+        default="all",
+        choices=["data", "pretrain", "finetune", "lora", "scratch", "eval", "all"],
     )
     ap.add_argument(
         "--cache", default="/tmp/tiny8_cache", help="build-time tensor cache (not shipped)"
@@ -1250,6 +1327,9 @@ def main(argv=None):
     ap.add_argument("--lora-rank", type=int, default=16)
     ap.add_argument("--lora-lr", type=float, default=2e-3)
     ap.add_argument("--lora-steps", type=int, default=300)
+    # differently initialised towers (stage scratch; not part of --stage all)
+    ap.add_argument("--scratch-steps", type=int, default=2400)
+    ap.add_argument("--scratch-lr", type=float, default=1e-3)
     ap.add_argument("--fp16", type=int, default=1)
     args = ap.parse_args(argv)
     global OUT
@@ -1270,6 +1350,7 @@ def main(argv=None):
             "pretrain": stage_pretrain,
             "finetune": stage_finetune,
             "lora": stage_lora,
+            "scratch": stage_scratch,
             "eval": stage_eval,
         }[s](args)
         log(f"=== stage {s} done in {time.time() - ts:.0f}s ===")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -50,3 +53,26 @@ def test_default_job_fast_dev_run(tmp_path, capsys):
     # the pool loads its weights: open_clip's "initialized randomly" warning would mislead
     log = (tmp_path / "cli.log").read_text() + err
     assert "No pretrained weights loaded" not in log
+
+
+def test_scratch_towers_are_differently_initialised_tiny8_towers():
+    """The issue-15 pool of towers trained from random initialisations: three of the tiny8
+    architecture (same keys and shapes as the pretrained tower, different weights) and one of
+    width 128 (same keys, narrower), shipped with its open_clip config."""
+    import json
+
+    from fusion_bench.checkpoint import LazyStateDict
+    from fusion_bench.paths import resolve_path
+
+    cfg = default_config("logger=none")
+    pretrained = instantiate(cfg.modelpool, _convert_="all").pretrained()
+    folder = Path(resolve_path("fusion_bench:tiny8/scratch"))
+    towers = {s: LazyStateDict([folder / f"{s}.safetensors"]) for s in ("seed0", "seed1", "seed2")}
+    for tower in towers.values():
+        assert {k: tower.shape(k) for k in tower} == {k: pretrained.shape(k) for k in pretrained}
+    key = "transformer.resblocks.0.mlp.c_fc.weight"
+    assert not torch.equal(towers["seed0"][key], towers["seed1"][key])
+    narrow = LazyStateDict([folder / "w128_seed3.safetensors"])
+    assert set(narrow) == set(pretrained) and narrow.shape(key) == (512, 128)
+    config = json.loads((folder / "Tiny8-ViT-w128.json").read_text())
+    assert config["vision_cfg"]["width"] == 128
