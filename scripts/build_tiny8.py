@@ -1024,7 +1024,6 @@ def train_tower(visual, params, X, y, head, scale, task, gen, steps, batch, lr, 
     ``head``: cross-entropy on scale · normalize(visual(x)) @ head, AdamW (lr, weight decay wd),
     10 % warm-up + cosine, gradient clipping 1.0, the build's augmentation. Leaves it in eval mode."""
     import torch
-    import torch.nn.functional as F
 
     visual.train()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
@@ -1034,16 +1033,24 @@ def train_tower(visual, params, X, y, head, scale, task, gen, steps, batch, lr, 
         lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))),
     )
     for _step in range(steps):
-        idx = torch.randint(0, len(y), (batch,), generator=gen)
-        xb = augment(X[idx].float(), gen, flip=task in FLIP_OK)
-        f = F.normalize(visual(xb), dim=-1)
-        loss = F.cross_entropy(scale * f @ head, y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        train_step(visual, opt, sched, params, X, y, head, scale, task, gen, batch)
     visual.eval()
+
+
+def train_step(visual, opt, sched, params, X, y, head, scale, task, gen, batch):
+    """One step: a random augmented batch of ``task``, cross-entropy against its frozen head."""
+    import torch
+    import torch.nn.functional as F
+
+    idx = torch.randint(0, len(y), (batch,), generator=gen)
+    xb = augment(X[idx].float(), gen, flip=task in FLIP_OK)
+    f = F.normalize(visual(xb), dim=-1)
+    loss = F.cross_entropy(scale * f @ head, y[idx])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
 
 
 def stage_finetune(args):
@@ -1159,7 +1166,6 @@ def stage_scratch(args):
     --ft-batch images, gradient clipping 1.0, the build's augmentation."""
     import open_clip
     import torch
-    import torch.nn.functional as F
 
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -1196,15 +1202,9 @@ def stage_scratch(args):
         for step in range(steps):
             task = TASKS[step % len(TASKS)]
             X, y = train[task]
-            idx = torch.randint(0, len(y), (args.ft_batch,), generator=gen)
-            xb = augment(X[idx].float(), gen, flip=task in FLIP_OK)
-            f = F.normalize(visual(xb), dim=-1)
-            loss = F.cross_entropy(scale * f @ heads[task], y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
+            train_step(
+                visual, opt, sched, params, X, y, heads[task], scale, task, gen, args.ft_batch
+            )
         visual.eval()
         accs = {t: evaluate(visual, heads[t], scale, *val[t]) for t in TASKS}
         save_state(visual.state_dict(), out / f"{stem}.safetensors", args.fp16)

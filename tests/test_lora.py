@@ -359,15 +359,20 @@ def test_mixed_ranks_missing_keys_and_small_matrices_keep_task_arithmetic_exact(
             torch.testing.assert_close(merged[key], full[key], rtol=1e-5, atol=1e-5)
 
 
+def pool_of_edited_copy(lora_pool_files, open_clip_pool_files, target, **config_changes):
+    """A LoRA pool of one expert: a copy of a test adapter with its adapter_config.json edited."""
+    shutil.copytree(lora_pool_files["adapters"][TASKS[0]], target)
+    config = json.loads((target / "adapter_config.json").read_text())
+    (target / "adapter_config.json").write_text(json.dumps({**config, **config_changes}))
+    return LoRAModelPool(base=base_pool(open_clip_pool_files), adapters={"x": str(target)})
+
+
 def test_initialisations_that_rewrite_the_base_are_refused(
     lora_pool_files, open_clip_pool_files, tmp_path
 ):
-    target = tmp_path / "pissa"
-    shutil.copytree(lora_pool_files["adapters"][TASKS[0]], target)
-    config = json.loads((target / "adapter_config.json").read_text())
-    config["init_lora_weights"] = "pissa_niter_4"
-    (target / "adapter_config.json").write_text(json.dumps(config))
-    pool = LoRAModelPool(base=base_pool(open_clip_pool_files), adapters={"x": str(target)})
+    pool = pool_of_edited_copy(
+        lora_pool_files, open_clip_pool_files, tmp_path / "pissa", init_lora_weights="pissa_niter_4"
+    )
     with pytest.raises(FusionBenchError, match="rewrites the base weights"):
         pool.adapter("x")
 
@@ -375,12 +380,12 @@ def test_initialisations_that_rewrite_the_base_are_refused(
 def test_an_adapter_naming_another_base_model_warns(
     lora_pool_files, open_clip_pool_files, tmp_path
 ):
-    target = tmp_path / "other"
-    shutil.copytree(lora_pool_files["adapters"][TASKS[0]], target)
-    config = json.loads((target / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = "openai/clip-vit-base-patch16"
-    (target / "adapter_config.json").write_text(json.dumps(config))
-    pool = LoRAModelPool(base=base_pool(open_clip_pool_files), adapters={"x": str(target)})
+    pool = pool_of_edited_copy(
+        lora_pool_files,
+        open_clip_pool_files,
+        tmp_path / "other",
+        base_model_name_or_path="openai/clip-vit-base-patch16",
+    )
     with pytest.warns(UserWarning, match="clip-vit-base-patch16"):
         pool.adapter("x")
 
