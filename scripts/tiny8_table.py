@@ -193,10 +193,7 @@ def routed_table(results: dict[str, dict]) -> str:
 
     for name in [m for m in routed_methods() if m in results]:
         r = results[name]
-        common = ("method=", "logger=", "taskpool.splits=")
-        setting = (
-            " ".join(t for t in r["setting"].split() if not t.startswith(common)) or "defaults"
-        )
+        setting = setting_of(r)
         costs = r.get("costs") or {}
         per_task = "oracle" in (r.get("evaluation") or "").split(":")[0]
         agnostic = None if per_task else r.get("test/avg_acc")
@@ -211,70 +208,59 @@ def routed_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def lora_table(results: dict[str, dict]) -> str:
-    """Full-space rules on the expanded LoRA experts vs Core Space / KnOTS, per task."""
-    rows = {k: results[k] for k in LORA if k in results}
-    if not rows:
-        return ""
+COMMON = ("method=", "logger=", "taskpool.splits=")  # overrides the same in every row
+
+
+def setting_of(row: dict, common: tuple[str, ...] = COMMON) -> str:
+    """A row's own overrides (the swept value, the method's extras), or "defaults"."""
+    return " ".join(t for t in row["setting"].split() if not t.startswith(common)) or "defaults"
+
+
+def per_task_table(headers: list[str], rows: list[tuple[list[str], dict]]) -> str:
+    """Markdown: the leading cells of each row, its test accuracy per task, test and val average."""
     tasks = sorted(
         {
             k.split("/")[1]
-            for r in rows.values()
+            for _, r in rows
             for k in r
             if k.startswith("test/") and k.endswith("/acc")
         }
     )
     lines = [
-        "| method | space | setting | "
-        + " | ".join(t.removeprefix("tiny8_") for t in tasks)
+        "| "
+        + " | ".join([*headers, *(t.removeprefix("tiny8_") for t in tasks)])
         + " | test avg | val avg |",
-        "|---|---|---|" + "---|" * len(tasks) + "---|---|",
+        "|" + "---|" * (len(headers) + len(tasks) + 2),
     ]
-    for key, r in rows.items():
-        method = LORA[key][0]
+    for lead, r in rows:
+        cells = [f"{100 * r[f'test/{t}/acc']:.1f}" for t in tasks]
+        lines.append(
+            "| "
+            + " | ".join([*lead, *cells])
+            + f" | **{100 * r['test/avg_acc']:.1f}** | {100 * r['validation/avg_acc']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def lora_table(results: dict[str, dict]) -> str:
+    """Full-space rules on the expanded LoRA experts vs Core Space / KnOTS, per task."""
+    rows = []
+    for key in [k for k in LORA if k in results]:
         space = "core" if "core_space" in key else "KnOTS" if "knots" in key else "full"
         if key == "lora:individual":
             space = "—"
-        common = ("method=", "logger=", "taskpool.splits=", "modelpool=")
-        setting = (
-            " ".join(t for t in r["setting"].split() if not t.startswith(common)) or "defaults"
-        )
-        cells = [f"{100 * r[f'test/{t}/acc']:.1f}" for t in tasks]
-        lines.append(
-            f"| `{method}` | {space} | {setting} | "
-            + " | ".join(cells)
-            + f" | **{100 * r['test/avg_acc']:.1f}** | {100 * r['validation/avg_acc']:.1f} |"
-        )
-    return "\n".join(lines)
+        setting = setting_of(results[key], (*COMMON, "modelpool="))
+        rows.append(([f"`{LORA[key][0]}`", space, setting], results[key]))
+    return per_task_table(["method", "space", "setting"], rows) if rows else ""
 
 
 def table(results: dict[str, dict]) -> str:
-    tasks = sorted(
-        {
-            k.split("/")[1]
-            for r in results.values()
-            for k in r
-            if k.startswith("test/") and k.endswith("/acc")
-        }
-    )
-    short = [t.removeprefix("tiny8_") for t in tasks]
-    lines = [
-        "| method | setting | " + " | ".join(short) + " | test avg | val avg |",
-        "|---|---|" + "---|" * len(tasks) + "---|---|",
+    rows = [
+        ([f"`{name}`", setting_of(results[name])], results[name])
+        for name in methods()
+        if name in results
     ]
-    for name in [m for m in methods() if m in results]:
-        r = results[name]
-        common = ("method=", "logger=", "taskpool.splits=")  # the same in every row
-        setting = (
-            " ".join(t for t in r["setting"].split() if not t.startswith(common)) or "defaults"
-        )
-        cells = [f"{100 * r[f'test/{t}/acc']:.1f}" for t in tasks]
-        lines.append(
-            f"| `{name}` | {setting} | "
-            + " | ".join(cells)
-            + f" | **{100 * r['test/avg_acc']:.1f}** | {100 * r['validation/avg_acc']:.1f} |"
-        )
-    return "\n".join(lines)
+    return per_task_table(["method", "setting"], rows)
 
 
 def main(argv: list[str]) -> None:
