@@ -56,14 +56,6 @@ class LowRank:
     B: Tensor
     A: Tensor
 
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.B.shape[0], self.A.shape[1])
-
     def full(self) -> Tensor:
         return self.B @ self.A
 
@@ -185,9 +177,6 @@ class LoRAAdapter(Mapping[str, LowRank]):
 
     def __contains__(self, key: object) -> bool:
         return key in self._factors
-
-    def rank(self, key: str) -> int:
-        return self._file.shape(self._factors[key][0])[0]
 
     def __repr__(self) -> str:
         return f"LoRAAdapter({self.name!r}, {len(self)} weights, {self.directory})"

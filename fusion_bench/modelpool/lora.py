@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ def adapter_dir(location: str) -> Path:
     from fusion_bench.modelpool.clip_vision import resolve_hf_dir
 
     local = Path(location)
-    if local.is_dir() or local.exists():
+    if local.exists():
         return local  # LoRAAdapter names what is missing inside
     return resolve_hf_dir(
         location,
@@ -117,14 +118,18 @@ class LoRAModelPool:
         if name not in self.adapter_locations:
             raise unknown_expert(name, self.expert_names)
         if name not in self._adapters:
-            pretrained = self.pretrained()
-            shapes = {key: tuple(pretrained.shape(key)) for key in pretrained}
             adapter = LoRAAdapter(
-                adapter_dir(self.adapter_locations[name]), name, shapes, self.check_finite
+                adapter_dir(self.adapter_locations[name]), name, self._shapes, self.check_finite
             )
             self._check_base(adapter)
             self._adapters[name] = adapter
         return self._adapters[name]
+
+    @cached_property
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        """The pretrained tower's keys and shapes (from the header, read once for all adapters)."""
+        pretrained = self.pretrained()
+        return {key: tuple(pretrained.shape(key)) for key in pretrained}
 
     def _check_base(self, adapter: LoRAAdapter) -> None:
         """Shapes cannot tell ViT-B/16 from ViT-B/32, or OpenAI's weights from LAION's: warn when

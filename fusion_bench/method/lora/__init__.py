@@ -23,7 +23,7 @@ from torch import Tensor
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.lora import LowRank
 from fusion_bench.method.base import Adapters, Progress
-from fusion_bench.tensor_ops import StateDict
+from fusion_bench.tensor_ops import StateDict, map_keys
 
 
 def adapted_keys(pretrained: StateDict, adapters: Adapters) -> list[str]:
@@ -56,20 +56,14 @@ def with_updates(
     update: Callable[[str, Tensor], Tensor],
     progress: Progress = None,
 ) -> dict[str, Tensor]:
-    """The merged model: θ0 + ``update(key, θ0)`` (a float64 ΔW) on ``keys``, θ0 elsewhere; float32
-    like every merged model (integer buffers as stored)."""
+    """The merged model: θ0 + ``update(key, θ0)`` (a float64 ΔW) on ``keys``, a copy of θ0
+    elsewhere, built by :func:`fusion_bench.tensor_ops.map_keys` (float32 like every merged
+    model, integer buffers as stored)."""
     changed = set(keys)
-    names: Iterable[str] = list(pretrained)
-    if progress is not None:
-        names = progress(names)
-    out: dict[str, Tensor] = {}
-    for key in names:
-        base = pretrained[key]
-        if key in changed:
-            delta = update(key, base)
-            out[key] = (base.to(torch.float64) + delta).to(torch.float32)
-        elif base.is_floating_point():
-            out[key] = base.to(torch.float32, copy=True)
-        else:
-            out[key] = base.clone()
-    return out
+
+    def merge_key(key: str, base: Tensor) -> Tensor:
+        if key not in changed:
+            return base.clone()
+        return (base.to(torch.float64) + update(key, base)).to(torch.float32)
+
+    return map_keys(pretrained, merge_key, progress=progress)

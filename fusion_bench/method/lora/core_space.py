@@ -102,9 +102,6 @@ class CoreSpace(LoRAMerge):
     def base_method(self) -> StateDictMerge:
         return base_merge(self.base, dict(self.base_options))
 
-    def models_held(self, n_experts: int) -> float:
-        return 1.0  # the output; scope=model adds every weight's cores and bases (small, R ≪ m, n)
-
     def merge(self, pretrained: StateDict, adapters: Adapters, progress: Progress = None):
         require_experts(adapters, "Core Space")
         rule = self.base_method()

@@ -49,8 +49,9 @@ from fusion_bench.method.lora import adapted_keys, factors, with_updates
 from fusion_bench.tensor_ops import StateDict
 
 
-def knots_align(pairs: Sequence[LowRank | None], n: int, threshold: float):
+def knots_align(pairs: Sequence[LowRank | None], threshold: float):
     """(U m×k, [diag(S) V_t k×n]) of [ΔW_1 | … | ΔW_T]; a missing pair is a zero ΔW_t."""
+    n = next(p.A.shape[1] for p in pairs if p is not None)
     blocks, qs = [], []
     for p in pairs:
         if p is None:
@@ -89,9 +90,6 @@ class KnOTS(LoRAMerge):
     def base_method(self) -> StateDictMerge:
         return base_merge(self.base, dict(self.base_options))
 
-    def models_held(self, n_experts: int) -> float:
-        return 1.0  # + the aligned representations, about T × the adapters' A factors
-
     def merge(self, pretrained: StateDict, adapters: Adapters, progress: Progress = None):
         require_experts(adapters, "KnOTS")
         names = list(adapters)
@@ -99,9 +97,7 @@ class KnOTS(LoRAMerge):
         bases: dict[str, Tensor] = {}
         reps: dict[str, dict[str, Tensor]] = {n: {} for n in names}
         for key in progress(keys) if progress is not None else keys:
-            pairs = factors(adapters, key)
-            n = next(p.A.shape[1] for p in pairs if p is not None)
-            U, key_reps = knots_align(pairs, n, self.singular_value_threshold)
+            U, key_reps = knots_align(factors(adapters, key), self.singular_value_threshold)
             bases[key] = U
             for name, rep in zip(names, key_reps, strict=True):
                 reps[name][key] = rep.to(torch.float32)
