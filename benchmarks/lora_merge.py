@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,29 +92,13 @@ def tiny8():
     return pretrained, adapters
 
 
-class Expanded(Mapping):
-    """An expert as the LoRA pool presents it: W0 + B A computed on lookup."""
-
-    def __init__(self, pretrained, adapter):
-        self.pretrained, self.adapter = pretrained, adapter
-
-    def __getitem__(self, key):
-        base = self.pretrained[key]
-        return base + self.adapter[key].full() if key in self.adapter else base
-
-    def __iter__(self):
-        return iter(self.pretrained)
-
-    def __len__(self):
-        return len(self.pretrained)
-
-
 def one(size: str, rule: str, space: str) -> dict:
     import torch
 
     from fusion_bench.api import build_method
     from fusion_bench.method.lora.core_space import CoreSpace
     from fusion_bench.method.lora.knots import KnOTS
+    from fusion_bench.modelpool.lora import ExpandedLoRA
 
     torch.set_num_threads(2)
     pretrained, adapters = synthetic_b32() if size == "b32" else tiny8()
@@ -124,7 +107,7 @@ def one(size: str, rule: str, space: str) -> dict:
     t = time.perf_counter()
     if space == "full":
         method, _ = build_method(name, options)
-        experts = {n: Expanded(pretrained, a) for n, a in adapters.items()}
+        experts = {n: ExpandedLoRA(pretrained, a) for n, a in adapters.items()}
         merged = method.merge(pretrained, experts)
     elif space == "core":
         merged = CoreSpace(base=name, base_options=options).merge(pretrained, adapters)

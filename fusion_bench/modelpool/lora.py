@@ -104,7 +104,7 @@ class LoRAModelPool:
         self.base = base
         self.adapter_locations = {
             name: resolve_path(loc)
-            for name, loc in resolve_experts(adapters, tasks, "modelpool.adapters").items()
+            for name, loc in resolve_experts(adapters, tasks, self.experts_option).items()
         }
         self.expert_names = list(self.adapter_locations)
         self.check_finite = check_finite
