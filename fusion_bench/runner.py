@@ -307,6 +307,9 @@ def validate_pool(modelpool, method=None) -> None:
             f"The model pool has no fine-tuned expert ({option} is empty): there is "
             "nothing to merge. Add experts, or run method=pretrained for the zero-shot model."
         )
+    if not getattr(modelpool, "shared_init", True):  # independently trained models: no θ0
+        modelpool.check_members()
+        return
     pretrained = modelpool.pretrained()
     for name in modelpool.expert_names:
         check_same_architecture(pretrained, modelpool.expert(name), name)
@@ -491,7 +494,12 @@ def dry_run(cfg: DictConfig) -> dict:
     print(OmegaConf.to_yaml(cfg, resolve=True))
     modelpool = instantiate(cfg.modelpool, _convert_="all")
     method = instantiate(cfg.method, _convert_="all")
-    num_params = modelpool.pretrained().num_parameters()
+    reference = (
+        modelpool.pretrained()
+        if getattr(modelpool, "shared_init", True)
+        else modelpool.expert(modelpool.expert_names[0])
+    )
+    num_params = reference.num_parameters()
     n = len(modelpool.expert_names)
     held = method.models_held(n)
     gib = (held + 1.0) * num_params * 4 / 2**30  # + the model being evaluated

@@ -90,6 +90,64 @@ def open_clip_pool(open_clip_pool_files):
     )
 
 
+# --- independently trained towers (fusion) -------------------------------------------------------
+@pytest.fixture(scope="session")
+def independent_pool_files(open_clip_pool_files, tmp_path_factory) -> dict:
+    """Three towers of the tiny open_clip architecture from different random initialisations
+    (no common start: a stand-in for models trained from scratch) and one narrower tower (width
+    16, its own config): {'models': {name: path}, 'narrow': path, 'narrow_config': path}."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("independent_pool")
+    models = {}
+    for seed in range(3):
+        torch.manual_seed(100 + seed)
+        visual = open_clip.create_model(open_clip_pool_files["model_name"], pretrained=None).visual
+        path = root / f"seed{seed}.safetensors"
+        save_file({k: v.contiguous() for k, v in visual.state_dict().items()}, path)
+        models[f"seed{seed}"] = str(path)
+    narrow = json.loads(json.dumps(TINY_OPEN_CLIP))
+    narrow["vision_cfg"]["width"] = 16
+    config = root / "fb-tiny-vit-w16.json"
+    config.write_text(json.dumps(narrow))
+    open_clip.add_model_config(config)
+    torch.manual_seed(200)
+    visual = open_clip.create_model("fb-tiny-vit-w16", pretrained=None).visual
+    save_file(
+        {k: v.contiguous() for k, v in visual.state_dict().items()}, root / "narrow.safetensors"
+    )
+    return {
+        "models": models,
+        "narrow": str(root / "narrow.safetensors"),
+        "narrow_config": str(config),
+    }
+
+
+@pytest.fixture(scope="session")
+def independent_pool(open_clip_pool_files, independent_pool_files):
+    from fusion_bench.modelpool.independent import IndependentModelPool
+    from fusion_bench.modelpool.open_clip import OpenCLIPModelPool
+
+    f = open_clip_pool_files
+    base = OpenCLIPModelPool(f["model_name"], f["pretrained"], {}, model_config=f["config"])
+    return IndependentModelPool(base, independent_pool_files["models"], list(TASKS))
+
+
+@pytest.fixture
+def independent_cli_args(open_clip_pool_files, independent_pool_files, tiny_datasets) -> list[str]:
+    f = open_clip_pool_files
+    return [
+        "modelpool=tiny8_scratch",  # the shipped independent pool, its files switched to the tiny ones
+        f"modelpool.base.model_name={f['model_name']}",
+        f"modelpool.base.model_config='{f['config']}'",
+        f"modelpool.base.pretrained='{f['pretrained']}'",
+        f"modelpool.models={dict_override(independent_pool_files['models'])}",
+        f"suite.tasks=[{','.join(TASKS)}]",
+        f"taskpool.datasets={dict_override(tiny_datasets)}",
+    ]
+
+
 # --- Hugging Face ------------------------------------------------------------------------------
 def _char_tokenizer_files(directory: Path) -> int:
     """A character-level CLIP BPE vocabulary (no merges): enough for CLIPTokenizer offline."""

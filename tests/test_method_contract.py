@@ -59,6 +59,9 @@ FAST = {
     "adamerging_layer_wise": {"max_steps": 2, "batch_size": 4},
     "adamerging_plusplus": {"max_steps": 2, "batch_size": 4},
     "routed/smile": {"k": 8},  # the default k = 128 exceeds the tiny pool's rank (32)
+    "fusion/activation_matching": {"num_samples": 8, "batch_size": 4},
+    "fusion/ot_fusion": {"num_samples": 8, "batch_size": 4},
+    "fusion/pleas": {"num_samples": 8, "batch_size": 4, "steps": 2},
     "localize_and_stitch_learned": {
         "num_epochs": 2,
         "shots_per_class": 2,
@@ -130,13 +133,24 @@ def test_method_yaml_reads_only_its_own_group(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_every_method_runs_from_the_cli(
-    name, open_clip_cli_args, lora_cli_args, open_clip_pool_files, tmp_path, capsys
+    name,
+    open_clip_cli_args,
+    lora_cli_args,
+    independent_cli_args,
+    open_clip_pool_files,
+    tmp_path,
+    capsys,
 ):
     values = settings(name, open_clip_pool_files)
     overrides = [f"method.{k}={v}".replace(" ", "") for k, v in values.items()]
+    pool_args = open_clip_cli_args
+    if name.startswith("lora/"):  # LoRA merges need LoRA experts
+        pool_args = lora_cli_args
+    elif name.startswith("fusion/"):  # fusion needs independently trained models
+        pool_args = independent_cli_args
     code, out, err = run_cli(
         [
-            *(lora_cli_args if name.startswith("lora/") else open_clip_cli_args),
+            *pool_args,
             f"method={name}",
             *overrides,
             "fast_dev_run=true",
@@ -156,17 +170,22 @@ def pools(open_clip_pool, tiny_datasets):
 
 
 @pytest.mark.parametrize("name", METHODS)
-def test_every_method_runs_through_the_python_api(name, pools, lora_pool, open_clip_pool_files):
+def test_every_method_runs_through_the_python_api(
+    name, pools, lora_pool, independent_pool, open_clip_pool_files
+):
     modelpool, taskpool = pools
     if name.startswith("lora/"):  # LoRA merges need LoRA experts
         modelpool = lora_pool
+    elif name.startswith("fusion/"):  # fusion needs independently trained models
+        modelpool = independent_pool
     values = settings(name, open_clip_pool_files)
     method, _ = build_method(name, values)
     if method.kind in STATE_DICT_KINDS:
         merged = fusion_bench.merge(
             name, modelpool, data=taskpool, fabric=None, save_to=None, **values
         )
-        assert set(merged) == set(modelpool.pretrained())
+        reference = modelpool.expert(modelpool.expert_names[0])
+        assert set(merged) == set(reference)
         assert all(t.isfinite().all() for t in merged.values() if t.is_floating_point())
     else:
         with pytest.raises(FusionBenchError, match="fusion_bench.evaluate"):

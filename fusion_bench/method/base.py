@@ -538,6 +538,8 @@ def _conforms(value: Any, hint: Any) -> bool:
         return any(_conforms(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
@@ -556,4 +558,8 @@ def _conforms(value: Any, hint: Any) -> bool:
 
 
 def _describe(hint: Any) -> str:
+    import typing
+
+    if typing.get_origin(hint) is typing.Literal:
+        return "choice of " + " | ".join(map(repr, typing.get_args(hint)))
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
