@@ -99,6 +99,19 @@ def fuse(members: Members, maps: Mapping[str, Mapping[str, Tensor]]) -> dict[str
     return average(aligned)
 
 
+def require_equal_shapes(members, method: str) -> None:
+    ref = members.specs[members.anchor]
+    for n in members.others:
+        s = members.specs[n]
+        if (s.width, s.heads, s.mlp) != (ref.width, ref.heads, ref.mlp):
+            raise FusionBenchError(
+                f"{method} permutes neurons, so every model needs the anchor's shape: "
+                f"'{n}' has width {s.width}, {s.heads} heads, MLP {s.mlp[0]}; anchor "
+                f"'{members.anchor}' has {ref.width}, {ref.heads}, {ref.mlp[0]}. "
+                "fusion/ot_fusion fuses models of different widths."
+            )
+
+
 # -- data --------------------------------------------------------------------------------------
 def tasks_of(pool, method: str) -> list[str]:
     tasks = list(getattr(pool, "tasks", []) or [])

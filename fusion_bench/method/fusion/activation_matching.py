@@ -22,11 +22,11 @@ from fusion_bench.method.fusion import (
     fuse,
     image_batches,
     load_members,
+    require_equal_shapes,
     tasks_of,
 )
 from fusion_bench.method.fusion.align import assign_unit, units
 from fusion_bench.method.fusion.finetune import finetune
-from fusion_bench.method.fusion.weight_matching import require_equal_shapes
 from fusion_bench.taskpool.data import check_sample_size
 
 

@@ -154,6 +154,16 @@ def apply_maps(
     return {k: torch.cat(v, dim=0) if isinstance(v, list) else v for k, v in out.items()}
 
 
+def rows(x: Tensor | list[Tensor], axis: int, part: int | None) -> Tensor:
+    """The group's axis first (one q/k/v chunk of in_proj if ``part``; ``x`` may be the list of
+    chunks), flattened: (n, rest)."""
+    if isinstance(x, list):
+        x = x[part] if part is not None else torch.cat(x, dim=0)
+    elif part is not None:
+        x = x.chunk(3, dim=0)[part]
+    return torch.movedim(x, axis, 0).reshape(x.shape[axis], -1)
+
+
 # -- solvers -----------------------------------------------------------------------------------
 def permutation_matrix(cols: np.ndarray, n_cols: int | None = None) -> Tensor:
     """T with T[i, cols[i]] = 1 (model neuron i -> anchor neuron cols[i])."""

@@ -41,10 +41,9 @@ from fusion_bench.method.fusion import (
     load_members,
     tasks_of,
 )
-from fusion_bench.method.fusion.align import apply_maps, groups, transport
+from fusion_bench.method.fusion.align import apply_maps, groups, rows, transport
 from fusion_bench.method.fusion.finetune import finetune
 from fusion_bench.method.fusion.tower import TowerSpec
-from fusion_bench.method.fusion.weight_matching import rows
 from fusion_bench.taskpool.data import check_sample_size
 
 EMBEDDING = ("conv1.weight", "class_embedding", "positional_embedding")

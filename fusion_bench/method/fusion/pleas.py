@@ -40,13 +40,13 @@ from fusion_bench.method.fusion import (
     activation_stats,
     image_batches,
     load_members,
+    require_equal_shapes,
     tasks_of,
 )
 from fusion_bench.method.fusion.activation_matching import permutations
 from fusion_bench.method.fusion.align import apply_maps
 from fusion_bench.method.fusion.finetune import finetune
 from fusion_bench.method.fusion.tower import TowerSpec, block, forward
-from fusion_bench.method.fusion.weight_matching import require_equal_shapes
 from fusion_bench.taskpool.data import check_sample_size
 
 

@@ -24,26 +24,17 @@ from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.base import Context, DataMerge
-from fusion_bench.method.fusion import fuse, load_members
+from fusion_bench.method.fusion import fuse, load_members, require_equal_shapes
 from fusion_bench.method.fusion.align import (
     apply_maps,
     assign_unit,
     group_size,
     groups,
+    rows,
     units,
 )
 from fusion_bench.method.fusion.finetune import finetune
 from fusion_bench.method.fusion.tower import TowerSpec
-
-
-def rows(x: Tensor | list[Tensor], axis: int, part: int | None) -> Tensor:
-    """The group's axis first (one q/k/v chunk of in_proj if ``part``; ``x`` may be the list of
-    chunks), flattened: (n, rest)."""
-    if isinstance(x, list):
-        x = x[part] if part is not None else torch.cat(x, dim=0)
-    elif part is not None:
-        x = x.chunk(3, dim=0)[part]
-    return torch.movedim(x, axis, 0).reshape(x.shape[axis], -1)
 
 
 def similarity(
@@ -96,19 +87,6 @@ def weight_matching(
         if not progress:
             break
     return maps
-
-
-def require_equal_shapes(members, method: str) -> None:
-    ref = members.specs[members.anchor]
-    for n in members.others:
-        s = members.specs[n]
-        if (s.width, s.heads, s.mlp) != (ref.width, ref.heads, ref.mlp):
-            raise FusionBenchError(
-                f"{method} permutes neurons, so every model needs the anchor's shape: "
-                f"'{n}' has width {s.width}, {s.heads} heads, MLP {s.mlp[0]}; anchor "
-                f"'{members.anchor}' has {ref.width}, {ref.heads}, {ref.mlp[0]}. "
-                "fusion/ot_fusion fuses models of different widths."
-            )
 
 
 @dataclass(frozen=True)
