@@ -1,7 +1,7 @@
 # Common tasks. The venv lives in .venv (as in the README and .ci/run).
 PY := .venv/bin/python
 
-.PHONY: install run test test-all lint format bench bench-lora docs tiny8-table fusion-table ci
+.PHONY: install run test test-all lint format bench bench-lora docs tiny8-table tiny8-diagnostics fusion-table ci
 
 install:  ## create .venv and install fusion_bench with the test and dev extras
 	python3 -m venv .venv
@@ -36,6 +36,9 @@ docs:  ## check that every method config has its docs page and index row
 
 tiny8-table:  ## regenerate the tiny8 results table in docs/tiny8.md
 	$(PY) scripts/tiny8_table.py
+
+tiny8-diagnostics:  ## task-vector size, linearity and cosines of the tiny8 experts (issue 17)
+	$(PY) scripts/tiny8_diagnostics.py
 
 fusion-table:  ## the tiny8 fusion table (parents, ensemble, vanilla, every fusion method; ~45 min)
 	$(PY) scripts/fusion_table.py

@@ -43,6 +43,7 @@ SWEEPS = {
     "lines": ("method.beta", LAMBDA_GRID),  # the authors tune β; α follows from the task count
 }
 RESULTS = ROOT / "docs" / "tiny8_results.json"
+PUBLISHED = ROOT / "docs" / "published_b32_ta8.json"  # CLIP ViT-B/32 TA8 numbers, with sources
 PAGE = ROOT / "docs" / "tiny8.md"
 BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
 FIRST = ["pretrained", "individual", "simple_average", "task_arithmetic"]
@@ -263,6 +264,29 @@ def table(results: dict[str, dict]) -> str:
     return per_task_table(["method", "setting"], rows)
 
 
+def agreement(results: dict[str, dict]) -> str:
+    """The ranking-agreement line: Kendall's τ (τ-b) between tiny8's test averages and the
+    published CLIP ViT-B/32 TA8 averages, over every merge method that has both."""
+    from scipy.stats import kendalltau
+
+    published = json.loads(PUBLISHED.read_text())["methods"]
+    names = [n for n in methods() if n in results and n in published]
+    if len(names) < 3:
+        return ""
+    ours = [results[n]["test/avg_acc"] for n in names]
+    theirs = [published[n]["acc"] for n in names]
+    pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
+    sign = [(ours[i] - ours[j]) * (theirs[i] - theirs[j]) for i, j in pairs]
+    concordant, discordant = sum(s > 0 for s in sign), sum(s < 0 for s in sign)
+    tau = kendalltau(ours, theirs).statistic
+    return (
+        f"\nRanking agreement with CLIP ViT-B/32 on TA8 (published averages, "
+        f"`docs/published_b32_ta8.json`), over the {len(names)} merge methods with a published "
+        f"number: **Kendall τ = {tau:.2f}** ({concordant} concordant, {discordant} discordant "
+        f"pairs; {', '.join(f'`{n}`' for n in names)})."
+    )
+
+
 def main(argv: list[str]) -> None:
     """``--table-only``: rewrite the table from the cached results, running nothing."""
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
@@ -272,7 +296,7 @@ def main(argv: list[str]) -> None:
         RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     text = PAGE.read_text()
     for begin, end, body in (
-        (BEGIN, END, table(results)),
+        (BEGIN, END, table(results) + agreement(results)),
         (ROUTED_BEGIN, ROUTED_END, routed_table(results)),
         (LORA_BEGIN, LORA_END, lora_table(results)),
     ):
@@ -282,7 +306,7 @@ def main(argv: list[str]) -> None:
         _, tail = rest.split(end)
         text = f"{head}{begin}\n{body}\n{end}{tail}"
     PAGE.write_text(text)
-    print(table(results))
+    print(table(results) + agreement(results))
     print(routed_table(results))
     print(lora_table(results))
 

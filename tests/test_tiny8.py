@@ -76,3 +76,28 @@ def test_scratch_towers_are_differently_initialised_tiny8_towers():
     assert set(narrow) == set(pretrained) and narrow.shape(key) == (512, 128)
     config = json.loads((folder / "Tiny8-ViT-w128.json").read_text())
     assert config["vision_cfg"]["width"] == 128
+
+
+def test_ranking_agreement_line_is_kendalls_tau_over_published_methods():
+    """The line under the tiny8 table (issue 17): τ over the methods with a published number; a
+    tiny8 ranking equal to the published one gives τ = 1, the reversed one τ = −1."""
+    import importlib.util
+    import json
+
+    from fusion_bench.paths import config_dir
+
+    root = config_dir().parent
+    spec = importlib.util.spec_from_file_location(
+        "tiny8_table", root / "scripts" / "tiny8_table.py"
+    )
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    published = json.loads(table.PUBLISHED.read_text())["methods"]
+    for name, entry in published.items():  # every entry names a method config and its source
+        assert (config_dir() / "method" / f"{name}.yaml").is_file(), name
+        assert entry["source"] and 0 < entry["acc"] < 100
+    same = {n: {"test/avg_acc": e["acc"] / 100} for n, e in published.items()}
+    assert "Kendall τ = 1.00" in table.agreement(same)
+    assert f"over the {len(published)} merge methods" in table.agreement(same)
+    reversed_ = {n: {"test/avg_acc": 1 - e["acc"] / 100} for n, e in published.items()}
+    assert "Kendall τ = -1.00" in table.agreement(reversed_)
