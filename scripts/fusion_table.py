@@ -4,7 +4,8 @@ before and after the same short fine-tuning, in one process through the Python A
 
     python scripts/fusion_table.py [--finetune-steps 300] [--out fusion_table.json]
 
-Minutes on 2 CPU cores. Writes the rows as JSON and prints a Markdown table.
+About 45 minutes on 2 CPU cores. Writes the rows as JSON after each row (a rerun resumes: rows
+already in --out are kept; --only LABEL... reruns those) and prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -63,10 +64,13 @@ def main() -> None:
     ap.add_argument("--out", default="fusion_table.json")
     ap.add_argument("--only", nargs="*", help="labels to run (default: all)")
     args = ap.parse_args()
-    rows = []
+    out = Path(args.out)
+    rows = json.loads(out.read_text()) if out.is_file() else []  # resume: finished rows kept
+    done = {r["label"] for r in rows}
     for label, method, hp, extra in ROWS:
-        if args.only and label not in args.only:
+        if (args.only and label not in args.only) or (not args.only and label in done):
             continue
+        rows = [r for r in rows if r["label"] != label]
         modelpool, taskpool = pools(extra)
         row = {"label": label, "method": method, "hyperparameters": hp}
         for steps in (0, args.finetune_steps) if method != "simple_ensemble" else (0,):
@@ -81,7 +85,7 @@ def main() -> None:
                 flush=True,
             )
         rows.append(row)
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        out.write_text(json.dumps(rows, indent=1))
     print(f"\n| model | test avg | after {args.finetune_steps} fine-tuning steps |\n|---|---|---|")
     for r in rows:
         after = r.get(f"test_{args.finetune_steps}")

@@ -408,3 +408,181 @@ def test_finetuning_after_fusion_changes_the_model(independent_pool, tiny_datase
     assert set(after) == set(before)
     assert max_diff(after, before) > 0
     assert all(t.isfinite().all() for t in after.values())
+
+
+# -- review follow-ups: exactness at unequal widths, optimality, statistics -----------------------
+def duplication(spec: TowerSpec) -> dict:
+    """Maps (n → 2n) that widen a tower without changing its function: every residual and MLP
+    neuron gets a twin, every attention head a twin head (same within-head order)."""
+    maps = {}
+    for g in groups(spec):
+        n = group_size(spec, g)
+        t = torch.zeros(n, 2 * n, dtype=torch.float64)
+        if g.startswith(("qk.", "v.")):  # head h -> heads h and h + H
+            d, h = spec.head_dim, spec.heads
+            for i in range(n):
+                t[i, i] = t[i, i + h * d] = 1.0
+        else:
+            t[torch.arange(n), torch.arange(n)] = 1.0
+            t[torch.arange(n), torch.arange(n) + n] = 1.0
+        maps[g] = t
+    return maps
+
+
+@pytest.fixture(scope="module")
+def wide_twin_pool(open_clip_pool_files, independent_pool_files, tmp_path_factory):
+    """seed0 of the tiny independent pool (width 32) and its exact twin of width 64."""
+    root = tmp_path_factory.mktemp("twin")
+    state = {k: v.float() for k, v in load_file(independent_pool_files["models"]["seed0"]).items()}
+    spec = TowerSpec.of(state, heads=2)
+    wide = apply_maps(state, spec, duplication(spec))
+    save_file({k: v.contiguous() for k, v in wide.items()}, root / "wide.safetensors")
+    config = json.loads(open(open_clip_pool_files["config"]).read())
+    config["vision_cfg"]["width"] = 64
+    (root / "wide.json").write_text(json.dumps(config))
+    f = open_clip_pool_files
+    base = OpenCLIPModelPool(f["model_name"], f["pretrained"], {}, model_config=f["config"])
+    pool = IndependentModelPool(
+        base,
+        {
+            "seed0": independent_pool_files["models"]["seed0"],
+            "wide": str(root / "wide.safetensors"),
+        },
+        list(TASKS),
+        {"wide": str(root / "wide.json")},
+    )
+    return pool, state, wide
+
+
+def test_a_widened_twin_computes_the_same_function(wide_twin_pool):
+    pool, state, wide = wide_twin_pool
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = forward(state, pool.spec("seed0"), images)[0]
+        out = forward(wide, pool.spec("wide"), images)[0]
+    assert pool.spec("wide").heads == 4
+    assert torch.allclose(ref, out, atol=1e-5)
+
+
+@pytest.mark.parametrize("anchor", ["seed0", "wide"])
+def test_ot_emd_fuses_a_widened_twin_into_either_width_exactly(
+    wide_twin_pool, tiny_datasets, anchor
+):
+    """Unequal widths: EMD sends each narrow neuron to its two twins (or both twins to it); the
+    producing side averages, the consuming side shares out, so the fused model is the anchor
+    exactly (the authors' scalar T·n would double or halve the residual stream here)."""
+    pool, state, wide = wide_twin_pool
+    taskpool = CLIPClassificationTaskPool(list(TASKS), datasets=tiny_datasets)
+    fused = OTFusion(anchor=anchor, solver="emd", num_samples=16, batch_size=8).merge(
+        pool, taskpool.data, Context()
+    )
+    assert max_diff(fused, state if anchor == "seed0" else wide) < 1e-5
+
+
+def test_head_structured_assignment_is_optimal():
+    """Brute force over every head order and within-head permutations (2 heads of 2)."""
+    import itertools
+
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        qk, v = torch.rand(4, 4, generator=gen), torch.rand(4, 4, generator=gen)
+        p_qk, p_v = assign_heads([qk, v], heads=2)
+        found = float((qk * p_qk).sum() + (v * p_v).sum())
+        best = float("inf")
+        for order in itertools.permutations(range(2)):
+            for inner in itertools.product(itertools.permutations(range(2)), repeat=4):
+                cost = 0.0
+                for h in range(2):
+                    for i in range(2):
+                        cost += qk[2 * h + i, 2 * order[h] + inner[h][i]]
+                        cost += v[2 * h + i, 2 * order[h] + inner[2 + h][i]]
+                best = min(best, float(cost))
+        assert found == pytest.approx(best)
+
+
+def test_standardized_distance_of_a_constant_neuron_matches_the_direct_formula():
+    from fusion_bench.method.fusion import ActivationStats
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 4, generator=gen, dtype=torch.float64) * 3 + 7
+    b = torch.randn(300, 5, generator=gen, dtype=torch.float64) - 2
+    a[:, 1] = 5.3  # a constant neuron: z-scores 0
+    stats = ActivationStats()
+    for i in range(0, 300, 100):
+        stats.add("g", a[i : i + 100], b[i : i + 100])
+
+    def z(x):
+        return (x - x.mean(0)) / (x.std(0, unbiased=False) + 1e-9)
+
+    assert torch.allclose(stats.distance("g", True), torch.cdist(z(a).T, z(b).T), atol=1e-6)
+    assert torch.allclose(stats.distance("g", False), torch.cdist(a.T, b.T), atol=1e-6)
+
+
+def test_pleas_least_squares_objective_is_zero_on_a_copy_and_falls_on_two_towers(
+    copy_pool, independent_pool
+):
+    from fusion_bench.method.fusion.activation_matching import permutations
+    from fusion_bench.method.fusion.pleas import (
+        least_squares,
+        objective,
+        partial_merge,
+        teacher,
+    )
+
+    for pool, images in ((copy_pool[0], torch.randn(8, 3, 32, 32)), (independent_pool, None)):
+        names = pool.expert_names[:2]
+        specs = {n: pool.spec(n) for n in names}
+        states = {n: {k: v.float() for k, v in pool.expert(n).items()} for n in names}
+        members = Members(names, specs, states, names[0])
+        spec = specs[names[0]]
+        size = pool.build_encoder(states[names[0]]).image_size
+        images = torch.randn(16, 3, *size, generator=torch.Generator().manual_seed(0))
+        stats = activation_stats(members, iter(images.split(8)), "cpu")
+        perms = {names[1]: permutations(stats[names[1]], spec)}
+        aligned = [states[names[0]], apply_maps(states[names[1]], spec, perms[names[1]])]
+        state, layout = partial_merge(aligned, spec, {})
+        target = teacher(members, perms, layout, images, "cpu")
+        before = float(objective(state, target, spec))
+        if pool is copy_pool[0]:
+            assert before < 1e-20
+            continue
+        fitted = least_squares(state, members, perms, layout, images, 30, 5e-3, 16, 0, "cpu")
+        assert float(objective(fitted, target, spec)) < 0.8 * before
+
+
+def test_a_narrower_member_without_its_config_is_named(
+    open_clip_pool_files, independent_pool_files
+):
+    f = open_clip_pool_files
+    base = OpenCLIPModelPool(f["model_name"], f["pretrained"], {}, model_config=f["config"])
+    pool = IndependentModelPool(
+        base,
+        {
+            "seed0": independent_pool_files["models"]["seed0"],
+            "narrow": independent_pool_files["narrow"],
+        },
+    )
+    with pytest.raises(FusionBenchError, match="width 16 but its config says 32.*model_configs"):
+        pool.check_members()
+
+
+def test_an_incomplete_tower_is_named(independent_pool_files, tmp_path):
+    state = load_file(independent_pool_files["models"]["seed0"])
+    del state["transformer.resblocks.0.mlp.c_fc.bias"]
+    with pytest.raises(FusionBenchError, match="not a complete open_clip ViT tower"):
+        TowerSpec.of(state, heads=2)
+
+
+def test_quick_gelu_towers_forward_like_open_clip():
+    import open_clip.model as oc
+
+    cfg = oc.CLIPVisionCfg(image_size=16, layers=2, width=32, patch_size=8, head_width=16)
+    torch.manual_seed(0)
+    tower = oc._build_vision_tower(16, cfg, quick_gelu=True).eval()
+    state = {k: v.float() for k, v in tower.state_dict().items()}
+    spec = TowerSpec.of(state, heads=2, quick_gelu=True)
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(forward(state, spec, images)[0], tower(images), atol=1e-5)
+        plain = TowerSpec.of(state, heads=2)
+        assert not torch.allclose(forward(state, plain, images)[0], tower(images), atol=1e-5)

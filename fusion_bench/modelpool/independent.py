@@ -117,14 +117,35 @@ class IndependentModelPool:
         return dict(config["vision_cfg"])
 
     def spec(self, name: str):
-        """Model ``name``'s :class:`~fusion_bench.method.fusion.tower.TowerSpec`."""
+        """Model ``name``'s :class:`~fusion_bench.method.fusion.tower.TowerSpec` (heads and
+        activation from its config, checked against the checkpoint's width and tokens)."""
         from fusion_bench.method.fusion.tower import TowerSpec
 
         cfg = self.vision_config(name)
+        state = self.expert(name)
+        if "conv1.weight" in state and state.shape("conv1.weight")[0] != cfg["width"]:
+            raise FusionBenchError(
+                f"Model '{name}' has width {state.shape('conv1.weight')[0]} but its config says "
+                f"{cfg['width']}: give its open_clip config in modelpool.model_configs.{name}."
+            )
         heads = cfg["width"] // cfg.get("head_width", 64)
-        return TowerSpec.of(
-            self.expert(name), heads, f"Model '{name}'", self._base_config.get("quick_gelu", False)
-        )
+        spec = TowerSpec.of(state, heads, f"Model '{name}'", self._quick_gelu(name))
+        grid = cfg["image_size"] // cfg["patch_size"]
+        if spec.tokens != 1 + grid * grid:
+            raise FusionBenchError(
+                f"Model '{name}' has {spec.tokens} position embeddings, but its config's image "
+                f"size {cfg['image_size']} and patch {cfg['patch_size']} give {1 + grid * grid} "
+                "tokens: the checkpoint is of another image size."
+            )
+        return spec
+
+    def _quick_gelu(self, name: str) -> bool:
+        """Whether model ``name`` uses QuickGELU (its own config's flag, else the base's)."""
+        if name in self.model_configs:
+            config = json.loads(Path(self.model_configs[name]).read_text())
+            if "quick_gelu" in config:
+                return bool(config["quick_gelu"])
+        return bool(self._base_config.get("quick_gelu", False))
 
     def check_members(self) -> None:
         """At least two models, each an open_clip ViT tower whose checkpoint matches its config,
@@ -136,14 +157,7 @@ class IndependentModelPool:
             )
         specs = {}
         for name in self.expert_names:
-            spec = self.spec(name)
-            width = self.vision_config(name)["width"]
-            if spec.width != width:
-                raise FusionBenchError(
-                    f"Model '{name}' has width {spec.width} but its config says {width}: give "
-                    f"its open_clip config in modelpool.model_configs.{name}."
-                )
-            specs[name] = spec
+            specs[name] = self.spec(name)
         first, ref = next(iter(specs.items()))
         for name, spec in specs.items():
             diff = ref.same_up_to_width(spec)

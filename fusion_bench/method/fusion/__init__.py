@@ -76,6 +76,13 @@ def load_members(pool, anchor: str | None, method: str) -> Members:
     return Members(names, specs, states, anchor)
 
 
+def held(n_models: int, finetune_steps: int) -> float:
+    """``models_held`` of an alignment method: the K models in fp32 and the output; the optional
+    fine-tuning holds the fused state, its tower, gradients and AdamW's two moments (5 towers;
+    the models are freed first)."""
+    return n_models + 1.0 if finetune_steps <= 0 else max(n_models + 1.0, 5.0)
+
+
 def average(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
     """The uniform mean of models of one shape (each key)."""
     first = states[0]
@@ -136,21 +143,27 @@ def image_batches(
 class ActivationStats:
     """Sufficient statistics of two towers' activations per neuron group, accumulated batch by
     batch (memory: one n_model × n_anchor matrix per group, whatever the number of images):
-    cross products Σ a bᵀ, per-neuron sums and sums of squares, and the row count."""
+    cross products Σ a bᵀ, per-neuron sums and sums of squares, and the row count — of the
+    activations minus a per-neuron shift (the first batch's mean), so that variances are not
+    lost to cancellation (a constant neuron has variance exactly 0)."""
 
     cross: dict[str, Tensor] = field(default_factory=dict)
-    sums: dict[str, list[Tensor]] = field(default_factory=dict)  # [model, anchor]
+    shift: dict[str, list[Tensor]] = field(default_factory=dict)  # [model, anchor]
+    sums: dict[str, list[Tensor]] = field(default_factory=dict)
     squares: dict[str, list[Tensor]] = field(default_factory=dict)
     rows: dict[str, int] = field(default_factory=dict)
 
     def add(self, group: str, a: Tensor, b: Tensor) -> None:
         a, b = a.double(), b.double()
         if group not in self.cross:
+            self.shift[group] = [a.mean(0), b.mean(0)]
+            a, b = a - self.shift[group][0], b - self.shift[group][1]
             self.cross[group] = a.T @ b
             self.sums[group] = [a.sum(0), b.sum(0)]
             self.squares[group] = [(a * a).sum(0), (b * b).sum(0)]
             self.rows[group] = a.shape[0]
             return
+        a, b = a - self.shift[group][0], b - self.shift[group][1]
         self.cross[group] += a.T @ b
         self.sums[group][0] += a.sum(0)
         self.sums[group][1] += b.sum(0)
@@ -161,23 +174,24 @@ class ActivationStats:
     def distance(self, group: str, standardize: bool, squared: bool = False) -> Tensor:
         """(n_model, n_anchor) Euclidean distances between the neurons' activation vectors
         (over every image, token and node of the group); ``standardize``: of each neuron's
-        activations z-scored first (Imfeld et al.'s ``std``)."""
+        activations z-scored first (Imfeld et al.'s ``std``: (a − mean) / (std + 1e-9))."""
         n = self.rows[group]
-        if standardize:
-            mean = [s / n for s in self.sums[group]]
-            std = [
-                (q / n - m * m).clamp_min(0).sqrt() + 1e-9
-                for q, m in zip(self.squares[group], mean, strict=True)
-            ]
-            corr = (self.cross[group] - n * mean[0][:, None] * mean[1][None, :]) / (
-                std[0][:, None] * std[1][None, :]
+        (sa, sb), (qa, qb), cross = self.sums[group], self.squares[group], self.cross[group]
+        if standardize:  # shift-invariant: the shifted statistics give it directly
+            ma, mb = sa / n, sb / n
+            va, vb = (qa / n - ma * ma).clamp_min(0), (qb / n - mb * mb).clamp_min(0)
+            da, db = va.sqrt() + 1e-9, vb.sqrt() + 1e-9
+            corr = (cross - n * ma[:, None] * mb[None, :]) / (da[:, None] * db[None, :])
+            d2 = (n * va / da**2)[:, None] + (n * vb / db**2)[None, :] - 2 * corr
+        else:  # Σ_r (a'_ri + s_i − b'_rj − t_j)², a' and b' the shifted activations
+            delta = self.shift[group][0][:, None] - self.shift[group][1][None, :]
+            d2 = (
+                qa[:, None]
+                + qb[None, :]
+                - 2 * cross
+                + 2 * delta * (sa[:, None] - sb[None, :])
+                + n * delta**2
             )
-            sq_a = n * (std[0] - 1e-9) ** 2 / std[0] ** 2
-            sq_b = n * (std[1] - 1e-9) ** 2 / std[1] ** 2
-            d2 = sq_a[:, None] + sq_b[None, :] - 2 * corr
-        else:
-            q = self.squares[group]
-            d2 = q[0][:, None] + q[1][None, :] - 2 * self.cross[group]
         d2 = d2.clamp_min(0)
         return d2 if squared else d2.sqrt()
 

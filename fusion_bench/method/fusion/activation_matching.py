@@ -20,6 +20,7 @@ from fusion_bench.method.base import Context, DataMerge
 from fusion_bench.method.fusion import (
     activation_stats,
     fuse,
+    held,
     image_batches,
     load_members,
     require_equal_shapes,
@@ -59,7 +60,7 @@ class ActivationMatching(DataMerge):
             )
 
     def models_held(self, n_experts: int) -> float:
-        return n_experts + 1.0
+        return held(n_experts, self.finetune_steps)
 
     def merge(self, pool, data, context: Context):
         members = load_members(pool, self.anchor, "fusion/activation_matching")
@@ -69,9 +70,11 @@ class ActivationMatching(DataMerge):
         batches = image_batches(pool, data, tasks, self.split, n, self.batch_size, self.seed)
         stats = activation_stats(members, batches, context.device, "activation matching")
         maps = {name: permutations(stats[name], members.specs[name]) for name in members.others}
+        fused = fuse(members, maps)
+        del members  # the K models are not needed while fine-tuning
         return finetune(
             pool,
-            fuse(members, maps),
+            fused,
             data,
             context,
             tasks,

@@ -10,7 +10,7 @@ Ground cost (``cost``): ``acts``, the Euclidean distance between neurons' z-scor
 normalised to unit length, in forward order (the residual stream's plan from the patch, class and
 position embeddings; then per block queries/keys, values, MLP, each from its rows with the inputs
 already transported). The cost is divided by its maximum; ``reg`` is Sinkhorn's regularisation on
-that scale (the authors: 0.08 with acts, 0.06 with wts).
+that scale (default: the authors' 0.08 with acts, 0.06 with wts).
 
 How plans act on weights (align.py): producing side, anchor neuron = plan-weighted mean of the
 model's neurons; consuming side, each model neuron's input weight is shared by the anchor neurons
@@ -37,6 +37,7 @@ from fusion_bench.method.base import Context, DataMerge
 from fusion_bench.method.fusion import (
     activation_stats,
     fuse,
+    held,
     image_batches,
     load_members,
     tasks_of,
@@ -83,7 +84,9 @@ class OTFusion(DataMerge):
     anchor: str | None = None  # whose shape and neuron order the fused model has
     cost: Literal["acts", "wts"] = "acts"
     solver: Literal["emd", "sinkhorn"] = "sinkhorn"
-    reg: float = 0.08  # Sinkhorn's entropic regularisation on the max-normalised cost
+    reg: float | None = (
+        None  # Sinkhorn's regularisation (max-normalised cost); None: 0.08 acts, 0.06 wts
+    )
     num_samples: int = 200  # images for the activation cost (the authors: 200)
     batch_size: int = 50
     split: str = "train"
@@ -94,7 +97,7 @@ class OTFusion(DataMerge):
 
     def __post_init__(self):
         check_sample_size(self.num_samples, self.batch_size)
-        if self.solver == "sinkhorn" and not self.reg > 0:
+        if self.solver == "sinkhorn" and self.reg is not None and not self.reg > 0:
             raise FusionBenchError(
                 f"method.reg={self.reg}: Sinkhorn needs a regularisation > 0 (the authors: "
                 "0.06-0.08); for exact transport use method.solver=emd."
@@ -106,7 +109,14 @@ class OTFusion(DataMerge):
             )
 
     def models_held(self, n_experts: int) -> float:
-        return n_experts + 1.0
+        return held(n_experts, self.finetune_steps)
+
+    @property
+    def regularisation(self) -> float:
+        """``reg``, or the authors' value for the cost: 0.08 with activations, 0.06 with weights."""
+        if self.reg is not None:
+            return self.reg
+        return 0.08 if self.cost == "acts" else 0.06
 
     def merge(self, pool, data, context: Context):
         members = load_members(pool, self.anchor, "fusion/ot_fusion")
@@ -118,7 +128,9 @@ class OTFusion(DataMerge):
             stats = activation_stats(members, batches, context.device, "OT fusion activations")
             plans = {
                 name: {
-                    g: transport(stats[name].distance(g, standardize=True), self.solver, self.reg)
+                    g: transport(
+                        stats[name].distance(g, standardize=True), self.solver, self.regularisation
+                    )
                     for g in groups(members.specs[name])
                 }
                 for name in members.others
@@ -132,13 +144,15 @@ class OTFusion(DataMerge):
                     members.specs[name],
                     members.specs[members.anchor],
                     self.solver,
-                    self.reg,
+                    self.regularisation,
                 )
                 for name in members.others
             }
+        fused = fuse(members, plans)
+        del members  # the K models are not needed while fine-tuning
         return finetune(
             pool,
-            fuse(members, plans),
+            fused,
             data,
             context,
             tasks,

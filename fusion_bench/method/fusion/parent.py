@@ -23,7 +23,7 @@ class Parent(DataMerge):
     seed: int = 0
 
     def models_held(self, n_experts: int) -> float:
-        return 1.0
+        return 1.0 if self.finetune_steps <= 0 else 5.0  # + the fine-tuning's tower, grads, AdamW
 
     def merge(self, pool, data, context: Context):
         names = list(pool.expert_names)

@@ -18,11 +18,12 @@ parents' own (permuted, averaged) inputs, it reproduces the parents' (permuted, 
 
 A permuted copy of the anchor is recovered exactly by steps 1–2 at every width (test). Step 3
 then starts at zero loss, but Adam divides by the gradient's running scale, so round-off
-gradients grow into updates of about ``lr``: the copy's function stays within ~1e-3 (test).
+gradients grow into updates of about ``lr``: the copy's outputs stay within 1 % (test).
 
 Run: ``fusion_bench modelpool=tiny8_scratch method=fusion/pleas method.width=1.5``
-Memory: the K models (fp32), the output, Adam's state for the fitted weights, the matching
-images (``num_samples``, in memory for step 3's batches).
+Memory: ~3K + 10 towers (fp32 equivalents) during step 3 — the K models, a float64 copy of each
+for the teacher activations, the fitted weights in float64 with gradients and Adam's moments —
+and the ``num_samples`` images (in memory for step 3's batches).
 """
 
 from __future__ import annotations
@@ -146,6 +147,47 @@ def merged_activations(
     return out
 
 
+def float64_parents(members: Members, device) -> dict[str, dict[str, Tensor]]:
+    return {
+        n: {k: v.to(device, torch.float64) for k, v in members.states[n].items()}
+        for n in members.names
+    }
+
+
+def teacher(
+    members: Members, perms, layout, images: Tensor, device, parents64=None
+) -> dict[str, Tensor]:
+    """Every fitted map's input and output for ``images``: the parents' own activations
+    (float64; ``parents64``: the parents already in float64 on ``device``), written in the
+    merged basis (:func:`merged_activations`)."""
+    parents = [members.anchor, *members.others]
+    parents64 = parents64 or float64_parents(members, device)
+    maps = fitted_maps(members.specs[members.anchor])
+    nodes = {n for inp, outp, _ in maps.values() for n in (inp, outp)}
+    acts = []
+    with torch.no_grad():
+        for n in parents:
+            x = images.to(device, torch.float64)
+            features, a = forward(parents64[n], members.specs[n], x, record=True)
+            a["out"] = features
+            acts.append(a)
+    eye = [{}] + [{g: t.to(device) for g, t in perms[n].items()} for n in parents[1:]]
+    return merged_activations(acts, eye, layout, nodes)
+
+
+def objective(params: Mapping[str, Tensor], target: Mapping[str, Tensor], spec: TowerSpec):
+    """Σ over the fitted maps of mean((X Wᵀ + b − Y)²) (PLeaS's least-squares loss)."""
+    loss = 0.0
+    for key, (inp, outp, bias) in fitted_maps(spec).items():
+        w = params[key]
+        w2 = w.reshape(w.shape[0], -1) if key != "proj" else w.T
+        pred = target[inp] @ w2.T.to(target[inp].dtype)
+        if bias is not None:
+            pred = pred + params[bias].to(pred.dtype)
+        loss = loss + ((pred - target[outp]) ** 2).mean()
+    return loss
+
+
 def least_squares(
     state: dict[str, Tensor],
     members: Members,
@@ -159,45 +201,26 @@ def least_squares(
     device,
 ) -> dict[str, Tensor]:
     """Step 3: Adam on the fitted maps of ``state`` against the parents' teacher-forced
-    activations (batches drawn from ``images``), in float64 (round-off gradients are what Adam
-    amplifies at a zero-loss start)."""
+    activations, in float64 (round-off gradients are what Adam amplifies at a zero-loss start).
+    Each step's batch is drawn with replacement from ``images`` (the authors iterate a shuffled
+    loader over their training sets)."""
     from tqdm.auto import tqdm
 
     spec = members.specs[members.anchor]
-    maps = fitted_maps(spec)
-    nodes = {n for inp, outp, _ in maps.values() for n in (inp, outp)}
     params = {}
-    for key, (_, _, bias) in maps.items():
+    for key, (_, _, bias) in fitted_maps(spec).items():
         params[key] = state[key].to(device, torch.float64).clone().requires_grad_(True)
         if bias is not None:
             params[bias] = state[bias].to(device, torch.float64).clone().requires_grad_(True)
     opt = torch.optim.Adam(params.values(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, steps))
-    parents = [members.anchor, *members.others]
-    on = {
-        n: {k: v.to(device, torch.float64) for k, v in members.states[n].items()} for n in parents
-    }
-    eye = [{}] + [{g: t.to(device) for g, t in perms[n].items()} for n in parents[1:]]
     gen = torch.Generator().manual_seed(seed)
+    parents64 = float64_parents(members, device)
     for _ in tqdm(range(steps), desc="PLeaS least squares", leave=False):
         idx = torch.randint(0, len(images), (batch_size,), generator=gen)
-        x = images[idx].to(device, torch.float64)
-        with torch.no_grad():
-            acts = []
-            for n in parents:
-                features, a = forward(on[n], members.specs[n], x, record=True)
-                a["out"] = features
-                acts.append(a)
-            target = merged_activations(acts, eye, layout, nodes)
+        target = teacher(members, perms, layout, images[idx], device, parents64)
         with torch.enable_grad():
-            loss = 0.0
-            for key, (inp, outp, bias) in maps.items():
-                w = params[key]
-                w2 = w.reshape(w.shape[0], -1) if key != "proj" else w.T
-                pred = target[inp] @ w2.T
-                if bias is not None:
-                    pred = pred + params[bias]
-                loss = loss + ((pred - target[outp]) ** 2).mean()
+            loss = objective(params, target, spec)
             opt.zero_grad(set_to_none=True)
             loss.backward()
         opt.step()
@@ -237,7 +260,9 @@ class PLeaS(DataMerge):
             )
 
     def models_held(self, n_experts: int) -> float:
-        return n_experts + 2.0
+        # K fp32 models, the merged state and the output; during the least squares a float64
+        # copy of each parent (2K) and of the fitted weights with gradients and Adam's moments (8)
+        return 3.0 * n_experts + 10.0
 
     def merge(self, pool, data, context: Context):
         members = load_members(pool, self.anchor, "fusion/pleas")
@@ -271,6 +296,7 @@ class PLeaS(DataMerge):
             for name in members.others
         ]
         state, layout = partial_merge(aligned, spec, seps)
+        del aligned, stats
         steps = min(self.steps, 1) if context.fast_dev_run else self.steps
         if steps:
             state = least_squares(
@@ -285,6 +311,7 @@ class PLeaS(DataMerge):
                 self.seed,
                 context.device,
             )
+        del members  # the K models are not needed while fine-tuning
         return finetune(
             pool,
             state,

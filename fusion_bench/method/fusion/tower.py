@@ -38,6 +38,20 @@ from torch import Tensor
 from fusion_bench.errors import FusionBenchError
 
 BLOCK = re.compile(r"^transformer\.resblocks\.(\d+)\.")
+BLOCK_KEYS = (
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.in_proj_weight",
+    "attn.in_proj_bias",
+    "attn.out_proj.weight",
+    "attn.out_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+)
 REQUIRED = ("conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight", "proj")
 
 
@@ -88,6 +102,13 @@ class TowerSpec:
             raise FusionBenchError(
                 f"{name} has parts the fusion methods do not align ({extra[:3] or 'no ln_post'}): "
                 "only the plain CLIP ViT (no attention pooling, layer scale or extra norms)."
+            )
+        expected = {f"{block(i)}{k}" for i in range(layers) for k in BLOCK_KEYS}
+        missing = sorted(expected - {k for k in state if BLOCK.match(k)})
+        if missing:
+            raise FusionBenchError(
+                f"{name} is not a complete open_clip ViT tower: {len(missing)} block weight(s) "
+                f"missing, e.g. {missing[:3]} (blocks 0..{layers - 1} expected)."
             )
         mlp = tuple(shape(f"{block(i)}mlp.c_fc.weight")[0] for i in range(layers))
         return cls(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fusion_bench.method.base import Context, DataMerge
-from fusion_bench.method.fusion import average, load_members
+from fusion_bench.method.fusion import average, held, load_members
 from fusion_bench.method.fusion.finetune import finetune
 
 
@@ -23,11 +23,12 @@ class VanillaAverage(DataMerge):
     seed: int = 0  # order of the fine-tuning batches
 
     def models_held(self, n_experts: int) -> float:
-        return n_experts + 1.0
+        return held(n_experts, self.finetune_steps)
 
     def merge(self, pool, data, context: Context):
         members = load_members(pool, None, "fusion/vanilla_average")
         fused = average([members.states[n] for n in members.names])
+        del members  # the K models are not needed while fine-tuning
         return finetune(
             pool,
             fused,

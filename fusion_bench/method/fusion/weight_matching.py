@@ -24,7 +24,7 @@ from torch import Tensor
 
 from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.base import Context, DataMerge
-from fusion_bench.method.fusion import fuse, load_members, require_equal_shapes
+from fusion_bench.method.fusion import fuse, held, load_members, require_equal_shapes
 from fusion_bench.method.fusion.align import (
     apply_maps,
     assign_unit,
@@ -78,10 +78,8 @@ def weight_matching(
             sims = [similarity(anchor, model, spec, maps, g) for g in unit]
             old = sum(float((s * maps[g]).sum()) for s, g in zip(sims, unit, strict=True))
             new = assign_unit(unit, [-s for s in sims], spec.heads)
-            if (
-                sum(float((s * new[g]).sum()) for s, g in zip(sims, unit, strict=True))
-                > old + 1e-12
-            ):
+            gain = sum(float((s * new[g]).sum()) for s, g in zip(sims, unit, strict=True)) - old
+            if gain > 1e-12 * max(1.0, abs(old)):  # relative: ties do not loop to max_iter
                 progress = True
                 maps.update(new)
         if not progress:
@@ -103,7 +101,7 @@ class WeightMatching(DataMerge):
             raise FusionBenchError(f"method.max_iter={self.max_iter}: give at least 1 sweep.")
 
     def models_held(self, n_experts: int) -> float:
-        return n_experts + 1.0
+        return held(n_experts, self.finetune_steps)
 
     def merge(self, pool, data, context: Context):
         from tqdm.auto import tqdm
@@ -117,9 +115,11 @@ class WeightMatching(DataMerge):
             )
             for n in tqdm(members.others, desc="weight matching", leave=False)
         }
+        fused = fuse(members, maps)
+        del members  # the K models are not needed while fine-tuning
         return finetune(
             pool,
-            fuse(members, maps),
+            fused,
             data,
             context,
             pool.tasks,
