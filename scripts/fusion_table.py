@@ -25,6 +25,7 @@ HETERO = [
     "+modelpool.models.w128_seed3=fusion_bench:tiny8/scratch/w128_seed3.safetensors",
     "+modelpool.model_configs.w128_seed3=fusion_bench:tiny8/scratch/Tiny8-ViT-w128.json",
 ]
+PAIR = ["~modelpool.models.seed2"]  # the papers' main setting: two parents
 ROWS = [  # (label, method, hyper-parameters, extra pool overrides)
     ("parent seed0", "fusion/parent", {"name": "seed0"}, []),
     ("parent seed1", "fusion/parent", {"name": "seed1"}, []),
@@ -39,6 +40,14 @@ ROWS = [  # (label, method, hyper-parameters, extra pool overrides)
     ("OT fusion, wts, EMD", "fusion/ot_fusion", {"cost": "wts", "solver": "emd"}, []),
     ("PLeaS, width 1.0", "fusion/pleas", {}, []),
     ("PLeaS, width 1.5", "fusion/pleas", {"width": 1.5}, []),
+    ("ensemble (2 towers)", "simple_ensemble", {}, PAIR),
+    ("vanilla average (2 towers)", "fusion/vanilla_average", {}, PAIR),
+    ("weight matching (2 towers)", "fusion/weight_matching", {}, PAIR),
+    ("activation matching (2 towers)", "fusion/activation_matching", {}, PAIR),
+    ("OT fusion, acts, Sinkhorn 0.08 (2 towers)", "fusion/ot_fusion", {}, PAIR),
+    ("OT fusion, acts, EMD (2 towers)", "fusion/ot_fusion", {"solver": "emd"}, PAIR),
+    ("PLeaS, width 1.0 (2 towers)", "fusion/pleas", {}, PAIR),
+    ("PLeaS, width 1.5 (2 towers)", "fusion/pleas", {"width": 1.5}, PAIR),
     ("parent w128_seed3", "fusion/parent", {"name": "w128_seed3"}, HETERO),
     (
         "OT fusion → width 128 (4 towers, anchor w128)",
