@@ -130,6 +130,18 @@ def tasks_of(pool, method: str) -> list[str]:
     return tasks
 
 
+def check_image_sample(num_samples: int, batch_size: int, split: str) -> None:
+    """A method's unlabelled-image options, checked at construction."""
+    from fusion_bench.taskpool.data import check_sample_size
+
+    check_sample_size(num_samples, batch_size)
+    if split not in ("train", "validation"):
+        raise FusionBenchError(
+            f"method.split={split!r}: align on 'train' or 'validation' images, never on the "
+            "test split."
+        )
+
+
 def image_batches(
     pool, data, tasks: Sequence[str], split: str, num_samples: int, batch_size: int, seed: int
 ) -> Iterator[Tensor]:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.base import Context, DataMerge
 from fusion_bench.method.fusion import (
     activation_stats,
+    check_image_sample,
     fuse,
     held,
     image_batches,
@@ -27,8 +27,7 @@ from fusion_bench.method.fusion import (
     tasks_of,
 )
 from fusion_bench.method.fusion.align import assign_unit, units
-from fusion_bench.method.fusion.finetune import finetune
-from fusion_bench.taskpool.data import check_sample_size
+from fusion_bench.method.fusion.finetune import finish
 
 
 def permutations(stats, spec) -> dict:
@@ -52,12 +51,7 @@ class ActivationMatching(DataMerge):
     finetune_batch_size: int = 64
 
     def __post_init__(self):
-        check_sample_size(self.num_samples, self.batch_size)
-        if self.split not in ("train", "validation"):
-            raise FusionBenchError(
-                f"method.split={self.split!r}: align on 'train' or 'validation' images, never "
-                "on the test split."
-            )
+        check_image_sample(self.num_samples, self.batch_size, self.split)
 
     def models_held(self, n_experts: int) -> float:
         return held(n_experts, self.finetune_steps)
@@ -72,14 +66,4 @@ class ActivationMatching(DataMerge):
         maps = {name: permutations(stats[name], members.specs[name]) for name in members.others}
         fused = fuse(members, maps)
         del members  # the K models are not needed while fine-tuning
-        return finetune(
-            pool,
-            fused,
-            data,
-            context,
-            tasks,
-            self.finetune_steps,
-            self.finetune_lr,
-            self.finetune_batch_size,
-            self.seed,
-        )
+        return finish(self, pool, fused, data, context, tasks)

@@ -82,3 +82,21 @@ def finetune(
             opt.step()
             sched.step()
     return {k: v.detach().cpu() for k, v in encoder.state_dict().items()}
+
+
+def finish(method, pool, state: Mapping[str, Tensor], data, context, tasks=None):
+    """``state`` after the fine-tuning ``method`` asks for (its ``finetune_steps``,
+    ``finetune_lr``, ``finetune_batch_size`` and ``seed``), on ``tasks`` (default: the pool's)."""
+    if tasks is None:
+        tasks = list(getattr(pool, "tasks", []) or [])
+    return finetune(
+        pool,
+        state,
+        data,
+        context,
+        tasks,
+        method.finetune_steps,
+        method.finetune_lr,
+        method.finetune_batch_size,
+        method.seed,
+    )

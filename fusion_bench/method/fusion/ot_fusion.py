@@ -36,6 +36,7 @@ from fusion_bench.errors import FusionBenchError
 from fusion_bench.method.base import Context, DataMerge
 from fusion_bench.method.fusion import (
     activation_stats,
+    check_image_sample,
     fuse,
     held,
     image_batches,
@@ -43,9 +44,8 @@ from fusion_bench.method.fusion import (
     tasks_of,
 )
 from fusion_bench.method.fusion.align import apply_maps, groups, rows, transport
-from fusion_bench.method.fusion.finetune import finetune
+from fusion_bench.method.fusion.finetune import finish
 from fusion_bench.method.fusion.tower import TowerSpec
-from fusion_bench.taskpool.data import check_sample_size
 
 EMBEDDING = ("conv1.weight", "class_embedding", "positional_embedding")
 
@@ -96,16 +96,11 @@ class OTFusion(DataMerge):
     finetune_batch_size: int = 64
 
     def __post_init__(self):
-        check_sample_size(self.num_samples, self.batch_size)
+        check_image_sample(self.num_samples, self.batch_size, self.split)
         if self.solver == "sinkhorn" and self.reg is not None and not self.reg > 0:
             raise FusionBenchError(
                 f"method.reg={self.reg}: Sinkhorn needs a regularisation > 0 (the authors: "
                 "0.06-0.08); for exact transport use method.solver=emd."
-            )
-        if self.split not in ("train", "validation"):
-            raise FusionBenchError(
-                f"method.split={self.split!r}: align on 'train' or 'validation' images, never "
-                "on the test split."
             )
 
     def models_held(self, n_experts: int) -> float:
@@ -150,14 +145,4 @@ class OTFusion(DataMerge):
             }
         fused = fuse(members, plans)
         del members  # the K models are not needed while fine-tuning
-        return finetune(
-            pool,
-            fused,
-            data,
-            context,
-            tasks,
-            self.finetune_steps,
-            self.finetune_lr,
-            self.finetune_batch_size,
-            self.seed,
-        )
+        return finish(self, pool, fused, data, context, tasks)

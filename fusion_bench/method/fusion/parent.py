@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fusion_bench.errors import FusionBenchError, did_you_mean
 from fusion_bench.method.base import Context, DataMerge
-from fusion_bench.method.fusion.finetune import finetune
+from fusion_bench.method.fusion.finetune import finish
 
 
 @dataclass(frozen=True)
@@ -35,14 +35,4 @@ class Parent(DataMerge):
             )
         lazy = pool.expert(name)
         state = {k: lazy[k].float() for k in lazy}
-        return finetune(
-            pool,
-            state,
-            data,
-            context,
-            getattr(pool, "tasks", []),
-            self.finetune_steps,
-            self.finetune_lr,
-            self.finetune_batch_size,
-            self.seed,
-        )
+        return finish(self, pool, state, data, context)

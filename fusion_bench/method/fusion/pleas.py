@@ -39,6 +39,7 @@ from fusion_bench.method.base import Context, DataMerge
 from fusion_bench.method.fusion import (
     Members,
     activation_stats,
+    check_image_sample,
     image_batches,
     load_members,
     require_equal_shapes,
@@ -46,9 +47,8 @@ from fusion_bench.method.fusion import (
 )
 from fusion_bench.method.fusion.activation_matching import permutations
 from fusion_bench.method.fusion.align import apply_maps
-from fusion_bench.method.fusion.finetune import finetune
+from fusion_bench.method.fusion.finetune import finish
 from fusion_bench.method.fusion.tower import TowerSpec, block, forward
-from fusion_bench.taskpool.data import check_sample_size
 
 
 def separated(distances: list[Tensor], fraction: float) -> Tensor:
@@ -245,7 +245,7 @@ class PLeaS(DataMerge):
     finetune_batch_size: int = 64
 
     def __post_init__(self):
-        check_sample_size(self.num_samples, self.batch_size)
+        check_image_sample(self.num_samples, self.batch_size, self.split)
         if not self.width >= 1.0:
             raise FusionBenchError(
                 f"method.width={self.width}: the merged MLP width relative to a parent's is at "
@@ -253,11 +253,6 @@ class PLeaS(DataMerge):
             )
         if self.steps < 0:
             raise FusionBenchError(f"method.steps={self.steps}: give 0 or more steps.")
-        if self.split not in ("train", "validation"):
-            raise FusionBenchError(
-                f"method.split={self.split!r}: align on 'train' or 'validation' images, never "
-                "on the test split."
-            )
 
     def models_held(self, n_experts: int) -> float:
         # K fp32 models, the merged state and the output; during the least squares a float64
@@ -312,14 +307,4 @@ class PLeaS(DataMerge):
                 context.device,
             )
         del members  # the K models are not needed while fine-tuning
-        return finetune(
-            pool,
-            state,
-            data,
-            context,
-            tasks,
-            self.finetune_steps,
-            self.finetune_lr,
-            self.finetune_batch_size,
-            self.seed,
-        )
+        return finish(self, pool, state, data, context, tasks)

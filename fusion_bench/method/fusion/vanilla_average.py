@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from fusion_bench.method.base import Context, DataMerge
 from fusion_bench.method.fusion import average, held, load_members
-from fusion_bench.method.fusion.finetune import finetune
+from fusion_bench.method.fusion.finetune import finish
 
 
 @dataclass(frozen=True)
@@ -29,14 +29,4 @@ class VanillaAverage(DataMerge):
         members = load_members(pool, None, "fusion/vanilla_average")
         fused = average([members.states[n] for n in members.names])
         del members  # the K models are not needed while fine-tuning
-        return finetune(
-            pool,
-            fused,
-            data,
-            context,
-            pool.tasks,
-            self.finetune_steps,
-            self.finetune_lr,
-            self.finetune_batch_size,
-            self.seed,
-        )
+        return finish(self, pool, fused, data, context)

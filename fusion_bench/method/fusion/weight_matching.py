@@ -33,7 +33,7 @@ from fusion_bench.method.fusion.align import (
     rows,
     units,
 )
-from fusion_bench.method.fusion.finetune import finetune
+from fusion_bench.method.fusion.finetune import finish
 from fusion_bench.method.fusion.tower import TowerSpec
 
 
@@ -117,14 +117,4 @@ class WeightMatching(DataMerge):
         }
         fused = fuse(members, maps)
         del members  # the K models are not needed while fine-tuning
-        return finetune(
-            pool,
-            fused,
-            data,
-            context,
-            pool.tasks,
-            self.finetune_steps,
-            self.finetune_lr,
-            self.finetune_batch_size,
-            self.seed,
-        )
+        return finish(self, pool, fused, data, context)
