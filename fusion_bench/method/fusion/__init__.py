@@ -30,7 +30,7 @@ from fusion_bench.method.fusion.align import apply_maps, groups
 from fusion_bench.method.fusion.tower import TowerSpec, forward
 
 # which recorded activations define each group's neurons (see tower.py's table)
-GROUP_NODES = {"res": ("emb", "res."), "qk": ("q.", "k."), "v": ("v.",), "mlp": ("fc.",)}
+GROUP_NODES = {"qk": ("q.", "k."), "v": ("v.",), "mlp": ("fc.",)}  # res: node_names()
 
 
 @dataclass
