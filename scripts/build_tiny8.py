@@ -1067,9 +1067,10 @@ def stage_finetune(args):
         f"finetune: lr {args.ft_lr}, {args.ft_steps} steps x batch {args.ft_batch}, head logit scale {scale:.1f}"
         + (f", trains {args.ft_params} params only" if args.ft_params != "all" else "")
     )
+    offset = 1000 * args.ft_seed  # --ft-seed 0 is the shipped experts' seeding
     for ti, task in enumerate(TASKS):
-        torch.manual_seed(SEED + ti)
-        gen = torch.Generator().manual_seed(SEED + 100 + ti)
+        torch.manual_seed(SEED + offset + ti)
+        gen = torch.Generator().manual_seed(SEED + offset + 100 + ti)
         head = zero_shot_head(model, tokenizer, task)
         X, y = load_split_tensors(task, "train", preprocess, cache)
         visual = copy.deepcopy(model.visual)
@@ -1308,6 +1309,12 @@ def main(argv=None):
     # fine-tuning
     ap.add_argument("--ft-steps", type=int, default=300)
     ap.add_argument("--ft-batch", type=int, default=64)
+    ap.add_argument(
+        "--ft-seed",
+        type=int,
+        default=0,
+        help="seed of the expert fine-tuning (batch order, augmentation); 0: the shipped experts",
+    )
     ap.add_argument("--ft-lr", type=float, default=3e-4)
     ap.add_argument("--ft-wd", type=float, default=0.1)
     ap.add_argument(

@@ -4,6 +4,15 @@
     python scripts/tiny8_table.py task_arithmetic ties_merging   # only these (others kept)
     python scripts/tiny8_table.py --table-only    # rewrite the table from the cached results
     python scripts/tiny8_table.py lora:task_arithmetic lora/core_space   # LoRA rows (tiny8_lora)
+    python scripts/tiny8_table.py --build DIR [methods]   # another build (e.g. an attempt's)
+    python scripts/tiny8_table.py --build DIR --seed 1 --published   # a fine-tuning seed's rows
+
+`--build DIR` runs on the checkpoints that `scripts/build_tiny8.py --out DIR` wrote (the pool's
+model config, pretrained model and experts overridden), caches in DIR/tiny8_results.json and prints
+the table and Kendall's τ without touching the docs. `--seed N` also records the build's averages
+as fine-tuning seed N in docs/tiny8_seeds.json: the docs table then shows, per method, the mean ±
+std of the test average over the shipped experts (seed 0) and every recorded seed, and Kendall's τ
+on those means. `--published` = the methods with a published CLIP number (and the two references).
 
 Every method runs through the CLI on the default pool (tiny8), evaluated on validation and test.
 A method's scale (a scalar `scaling_factor`, or the knob in SWEEPS: a base merge's λ, LiNeS' β)
@@ -43,6 +52,7 @@ SWEEPS = {
     "lines": ("method.beta", LAMBDA_GRID),  # the authors tune β; α follows from the task count
 }
 RESULTS = ROOT / "docs" / "tiny8_results.json"
+SEEDS = ROOT / "docs" / "tiny8_seeds.json"  # {seed: {method: averages}} of other expert seeds
 PUBLISHED = ROOT / "docs" / "published_b32_ta8.json"  # CLIP ViT-B/32 TA8 numbers, with sources
 PAGE = ROOT / "docs" / "tiny8.md"
 BEGIN, END = "<!-- RESULTS:BEGIN -->", "<!-- RESULTS:END -->"
@@ -119,6 +129,24 @@ def routed_methods() -> list[str]:
     return sorted(f"routed/{p.stem}" for p in folder.glob("*.yaml") if f"routed/{p.stem}" != SAVED)
 
 
+POOL: list[str] = []  # modelpool overrides of --build (empty: the shipped tiny8)
+
+
+def build_overrides(build: Path) -> list[str]:
+    """The tiny8 pool pointed at the checkpoints ``scripts/build_tiny8.py --out build`` wrote."""
+    build = build.resolve()
+    files = [build / "Tiny8-ViT.json", build / "pretrained.safetensors"]
+    experts = sorted((build / "experts").glob("*.safetensors"))
+    missing = [str(f) for f in files if not f.is_file()] + ([] if experts else [f"{build}/experts"])
+    if missing:
+        sys.exit(f"[tiny8_table] --build {build}: missing {', '.join(missing)}")
+    return [
+        f"modelpool.model_config={files[0]}",
+        f"modelpool.pretrained={files[1]}",
+        *(f"modelpool.finetuned.tiny8_{e.stem}={e}" for e in experts),
+    ]
+
+
 def cli(args: list[str], sweep_dir: str) -> list[dict]:
     """Run ``fusion_bench -m <args>`` into ``sweep_dir``; the job reports found there."""
     command = [
@@ -128,6 +156,7 @@ def cli(args: list[str], sweep_dir: str) -> list[dict]:
         "-m",
         "logger=none",
         *args,
+        *POOL,
         f"hydra.sweep.dir={sweep_dir}",
     ]
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
@@ -209,7 +238,7 @@ def routed_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-COMMON = ("method=", "logger=", "taskpool.splits=")  # overrides the same in every row
+COMMON = ("method=", "logger=", "taskpool.splits=", "modelpool.")  # the same in every row
 
 
 def setting_of(row: dict, common: tuple[str, ...] = COMMON) -> str:
@@ -255,48 +284,145 @@ def lora_table(results: dict[str, dict]) -> str:
     return per_task_table(["method", "space", "setting"], rows) if rows else ""
 
 
-def table(results: dict[str, dict]) -> str:
+def seed_averages(results: dict[str, dict], seeds: dict[str, dict]) -> dict[str, list[float]]:
+    """Per method, the test averages of seed 0 (``results``) and of every recorded seed, for the
+    methods that every seed has."""
+    runs = [results, *seeds.values()]
+    return {
+        name: [run[name]["test/avg_acc"] for run in runs]
+        for name in results
+        if all(name in run for run in runs)
+    }
+
+
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` in points (sample std, n − 1)."""
+    import statistics
+
+    return f"{100 * statistics.mean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def table(results: dict[str, dict], seeds: dict[str, dict] | None = None) -> str:
+    """The per-task table of seed 0; with recorded seeds, a last column with the mean ± std of
+    the test average over every seed."""
     rows = [
         ([f"`{name}`", setting_of(results[name])], results[name])
         for name in methods()
         if name in results
     ]
-    return per_task_table(["method", "setting"], rows)
+    text = per_task_table(["method", "setting"], rows)
+    if not seeds:
+        return text
+    averages = seed_averages(results, seeds)
+    header, rule, *body = text.split("\n")
+    n = 1 + len(seeds)
+    lines = [header + f" test avg, {n} seeds |", rule + "---|"]
+    for (lead, _), line in zip(rows, body, strict=True):
+        name = lead[0].strip("`")
+        lines.append(line + (f" {mean_std(averages[name])} |" if name in averages else " – |"))
+    return "\n".join(lines)
 
 
-def agreement(results: dict[str, dict]) -> str:
-    """The ranking-agreement line: Kendall's τ (τ-b) between tiny8's test averages and the
-    published CLIP ViT-B/32 TA8 averages, over every merge method that has both."""
+def kendall(ours: dict[str, float], published: dict[str, dict]) -> tuple[float, int, int, list]:
+    """Kendall's τ-b between ``ours`` and the published averages over the methods both have, with
+    the concordant and discordant pair counts and the methods' names."""
     from scipy.stats import kendalltau
 
-    published = json.loads(PUBLISHED.read_text())["methods"]
-    names = [n for n in methods() if n in results and n in published]
-    if len(names) < 3:
-        return ""
-    ours = [results[n]["test/avg_acc"] for n in names]
+    names = [n for n in methods() if n in ours and n in published]
+    mine = [ours[n] for n in names]
     theirs = [published[n]["acc"] for n in names]
     pairs = [(i, j) for i in range(len(names)) for j in range(i + 1, len(names))]
-    sign = [(ours[i] - ours[j]) * (theirs[i] - theirs[j]) for i, j in pairs]
-    concordant, discordant = sum(s > 0 for s in sign), sum(s < 0 for s in sign)
-    tau = kendalltau(ours, theirs).statistic
-    return (
+    sign = [(mine[i] - mine[j]) * (theirs[i] - theirs[j]) for i, j in pairs]
+    tau = kendalltau(mine, theirs).statistic if len(names) >= 3 else float("nan")
+    return tau, sum(s > 0 for s in sign), sum(s < 0 for s in sign), names
+
+
+def agreement(results: dict[str, dict], seeds: dict[str, dict] | None = None) -> str:
+    """The ranking-agreement line: Kendall's τ (τ-b) between tiny8's test averages and the
+    published CLIP ViT-B/32 TA8 averages, over every merge method that has both; with recorded
+    seeds, τ of the seeds' mean averages and τ per seed (mean ± std)."""
+    published = json.loads(PUBLISHED.read_text())["methods"]
+    tau, concordant, discordant, names = kendall(
+        {n: r["test/avg_acc"] for n, r in results.items()}, published
+    )
+    if len(names) < 3:
+        return ""
+    line = (
         f"\nRanking agreement with CLIP ViT-B/32 on TA8 (published averages, "
         f"`docs/published_b32_ta8.json`), over the {len(names)} merge methods with a published "
         f"number: **Kendall τ = {tau:.2f}** ({concordant} concordant, {discordant} discordant "
         f"pairs; {', '.join(f'`{n}`' for n in names)})."
     )
+    if not seeds:
+        return line
+    import statistics
+
+    averages = seed_averages(results, seeds)
+    mean_tau, c, d, common = kendall(
+        {n: statistics.mean(v) for n, v in averages.items()}, published
+    )
+    per_seed = [
+        kendall({n: run[n]["test/avg_acc"] for n in common}, published)[0]
+        for run in [results, *seeds.values()]
+    ]
+    return line + (
+        f" Over {1 + len(seeds)} fine-tuning seeds (0 and {', '.join(seeds)}; the {len(common)} "
+        f"methods every seed has): τ of the mean averages **{mean_tau:.2f}** ({c} concordant, "
+        f"{d} discordant); τ per seed {statistics.mean(per_seed):.2f} ± "
+        f"{statistics.stdev(per_seed):.2f} ({', '.join(f'{t:.2f}' for t in per_seed)})."
+    )
+
+
+def published_methods() -> list[str]:
+    """The methods with a published CLIP ViT-B/32 TA8 number, plus zero-shot and the experts."""
+    published = json.loads(PUBLISHED.read_text())["methods"]
+    return [n for n in methods() if n in published or n in ("pretrained", "individual")]
 
 
 def main(argv: list[str]) -> None:
     """``--table-only``: rewrite the table from the cached results, running nothing."""
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    table_only = argv == ["--table-only"]
-    for name in [] if table_only else argv or methods() + routed_methods() + list(LORA):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("methods", nargs="*", help="method keys (default: all)")
+    ap.add_argument("--table-only", action="store_true", help="run nothing, rewrite the docs")
+    ap.add_argument("--build", type=Path, help="a build_tiny8.py --out directory")
+    ap.add_argument("--seed", help="with --build: record its averages as this fine-tuning seed")
+    ap.add_argument("--published", action="store_true", help="only published_methods()")
+    args = ap.parse_args(argv)
+    if args.seed is not None and args.build is None:
+        sys.exit("[tiny8_table] --seed needs --build (the seed's build directory)")
+    cache = RESULTS
+    if args.build is not None:
+        POOL[:] = build_overrides(args.build)
+        cache = args.build / "tiny8_results.json"
+    results = json.loads(cache.read_text()) if cache.is_file() else {}
+    names = args.methods or (
+        published_methods()
+        if args.published
+        else methods() + ([] if args.build else routed_methods() + list(LORA))
+    )
+    for name in [] if args.table_only else names:
         results[name] = run_method(name)
-        RESULTS.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        cache.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    if args.build is not None:
+        if args.seed is not None:
+            seeds = json.loads(SEEDS.read_text()) if SEEDS.is_file() else {}
+            seeds[args.seed] = {
+                n: {
+                    "test/avg_acc": r["test/avg_acc"],
+                    "validation/avg_acc": r["validation/avg_acc"],
+                    "setting": setting_of(r),
+                }
+                for n, r in results.items()
+            }
+            SEEDS.write_text(json.dumps(seeds, indent=1, sort_keys=True) + "\n")
+        print(table(results) + agreement(results))
+        return
+    seeds = json.loads(SEEDS.read_text()) if SEEDS.is_file() else {}
     text = PAGE.read_text()
     for begin, end, body in (
-        (BEGIN, END, table(results) + agreement(results)),
+        (BEGIN, END, table(results, seeds) + agreement(results, seeds)),
         (ROUTED_BEGIN, ROUTED_END, routed_table(results)),
         (LORA_BEGIN, LORA_END, lora_table(results)),
     ):
@@ -306,7 +432,7 @@ def main(argv: list[str]) -> None:
         _, tail = rest.split(end)
         text = f"{head}{begin}\n{body}\n{end}{tail}"
     PAGE.write_text(text)
-    print(table(results) + agreement(results))
+    print(table(results, seeds) + agreement(results, seeds))
     print(routed_table(results))
     print(lora_table(results))
 

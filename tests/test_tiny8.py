@@ -78,11 +78,8 @@ def test_scratch_towers_are_differently_initialised_tiny8_towers():
     assert config["vision_cfg"]["width"] == 128
 
 
-def test_ranking_agreement_line_is_kendalls_tau_over_published_methods():
-    """The line under the tiny8 table (issue 17): τ over the methods with a published number; a
-    tiny8 ranking equal to the published one gives τ = 1, the reversed one τ = −1."""
+def _table_script():
     import importlib.util
-    import json
 
     from fusion_bench.paths import config_dir
 
@@ -92,6 +89,17 @@ def test_ranking_agreement_line_is_kendalls_tau_over_published_methods():
     )
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
+    return table
+
+
+def test_ranking_agreement_line_is_kendalls_tau_over_published_methods():
+    """The line under the tiny8 table (issue 17): τ over the methods with a published number; a
+    tiny8 ranking equal to the published one gives τ = 1, the reversed one τ = −1."""
+    import json
+
+    from fusion_bench.paths import config_dir
+
+    table = _table_script()
     published = json.loads(table.PUBLISHED.read_text())["methods"]
     for name, entry in published.items():  # every entry names a method config and its source
         assert (config_dir() / "method" / f"{name}.yaml").is_file(), name
@@ -101,3 +109,55 @@ def test_ranking_agreement_line_is_kendalls_tau_over_published_methods():
     assert f"over the {len(published)} merge methods" in table.agreement(same)
     reversed_ = {n: {"test/avg_acc": 1 - e["acc"] / 100} for n, e in published.items()}
     assert "Kendall τ = -1.00" in table.agreement(reversed_)
+
+
+def test_seed_column_and_tau_are_over_every_recorded_seed():
+    """With recorded fine-tuning seeds the table gains a mean ± std column (sample std over seed 0
+    and the recorded seeds, only for methods every seed has) and the τ line the τ of the means and
+    per seed: equal rankings in two seeds and the reversed one in the third give per-seed τ 1, 1,
+    −1; the means (weighted by the larger margins of the agreeing seeds) keep τ = 1."""
+    import json
+
+    table = _table_script()
+    published = json.loads(table.PUBLISHED.read_text())["methods"]
+    same = {n: {"test/avg_acc": e["acc"] / 100} for n, e in published.items()}
+    flipped = {n: {"test/avg_acc": 0.9 - e["acc"] / 400} for n, e in published.items()}
+    seeds = {"1": same, "2": flipped}
+    line = table.agreement(same, seeds)
+    assert "τ of the mean averages **1.00**" in line
+    assert "τ per seed 0.33 ± 1.15 (1.00, 1.00, -1.00)" in line
+    rows = {"task_arithmetic": {"test/avg_acc": 0.60, "validation/avg_acc": 0.6, "setting": ""}}
+    rows["simple_average"] = {"test/avg_acc": 0.58, "validation/avg_acc": 0.6, "setting": ""}
+    for r in rows.values():
+        r["test/tiny8_x/acc"] = r["test/avg_acc"]
+    seeds = {
+        "1": {"task_arithmetic": {"test/avg_acc": 0.62}},
+        "2": {"task_arithmetic": {"test/avg_acc": 0.64}},
+    }
+    text = table.table(rows, seeds)
+    assert text.splitlines()[0].endswith("| test avg, 3 seeds |")
+    ta = next(line for line in text.splitlines() if "`task_arithmetic`" in line)
+    assert ta.endswith("| 62.0 ± 2.0 |")  # mean of 60, 62, 64; sample std 2
+    sa = next(line for line in text.splitlines() if "`simple_average`" in line)
+    assert sa.endswith("| – |")  # not in every seed
+    assert table.table(rows) == table.table(rows, {})  # no seeds: the seed-0 table unchanged
+
+
+def test_build_overrides_point_the_pool_at_a_build_directory(tmp_path):
+    """``tiny8_table.py --build DIR``: the pool's config, pretrained model and every expert come
+    from DIR (here the shipped build itself, so the overridden pool equals the default one); a
+    directory without a build is a clear error naming what is missing."""
+    import pytest
+
+    table = _table_script()
+    shipped = config_dir().parent / "fusion_bench" / "data" / "tiny8"
+    overrides = table.build_overrides(shipped)
+    assert len([o for o in overrides if o.startswith("modelpool.finetuned.")]) == 8
+    cfg = default_config("logger=none", *overrides)
+    default = instantiate(default_config("logger=none").modelpool, _convert_="all")
+    pool = instantiate(cfg.modelpool, _convert_="all")
+    assert sorted(pool.expert_names) == sorted(default.expert_names)
+    key = "transformer.resblocks.0.mlp.c_fc.weight"
+    assert torch.equal(pool.expert("tiny8_mnist")[key], default.expert("tiny8_mnist")[key])
+    with pytest.raises(SystemExit, match="missing .*Tiny8-ViT.json"):
+        table.build_overrides(tmp_path)
