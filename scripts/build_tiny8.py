@@ -563,19 +563,41 @@ MAKERS = {
 }
 
 
-def icon_corpus():
-    """Auxiliary pre-training pairs: Oxygen icons (32x32 PNG) captioned by their file names."""
+# Icon themes whose 32x32 PNGs caption pre-training pairs by file name (--icon-themes): Debian
+# package -> folder pattern under /usr/share/icons. The shipped build uses Oxygen only.
+ICON_THEMES = {
+    "oxygen": ("oxygen-icon-theme", "oxygen/base/32x32"),
+    "adwaita": ("adwaita-icon-theme", "Adwaita/32x32"),
+    "faenza": ("faenza-icon-theme", "Faenza/*/32"),
+    "elementary": ("elementary-xfce-icon-theme", "elementary-xfce/*/32"),
+    "gnome": ("gnome-icon-theme", "gnome/32x32"),
+    "mate": ("mate-icon-theme", "mate/32x32"),
+    "nuovext": ("lxde-icon-theme", "nuoveXT2/32x32"),
+}
+
+
+def icon_corpus(themes=("oxygen",)):
+    """Auxiliary pre-training pairs: the themes' 32x32 PNG icons captioned by their file names."""
     from PIL import Image
 
-    base = Path("/usr/share/icons/oxygen/base/32x32")
     ims, caps = [], []
-    for p in sorted(base.rglob("*.png")):
-        name = p.stem.replace("-", " ").replace("_", " ")
-        im = Image.open(p).convert("RGBA")
-        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        bg.alpha_composite(im)
-        ims.append(bg.convert("RGB"))
-        caps.append(f"an icon of {name}.")
+    for theme in themes:
+        package, pattern = ICON_THEMES[theme]
+        folders = sorted(Path("/usr/share/icons").glob(pattern))
+        if not folders:
+            raise SystemExit(
+                f"icon theme {theme!r}: nothing at /usr/share/icons/{pattern}; "
+                f"apt-get install {package}"
+            )
+        for p in (p for base in folders for p in sorted(base.rglob("*.png"))):
+            name = p.stem.replace("-", " ").replace("_", " ").replace(".symbolic", "")
+            im = Image.open(p).convert("RGBA")
+            if im.size != (32, 32):
+                im = im.resize((32, 32), Image.BICUBIC)
+            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            bg.alpha_composite(im)
+            ims.append(bg.convert("RGB"))
+            caps.append(f"an icon of {name}.")
     return ims, caps
 
 
@@ -855,7 +877,7 @@ def stage_pretrain(args):
     if args.aux:
         from PIL import Image  # noqa: F401
 
-        ims, caps = icon_corpus()
+        ims, caps = icon_corpus(args.icon_themes.split(","))
         Xs.append(torch.stack([preprocess(im) for im in ims]).half())
         caps_per_item += [[c] for c in caps]
         flips += [False] * len(caps)
@@ -1305,6 +1327,12 @@ def main(argv=None):
     )
     ap.add_argument(
         "--aux", type=int, default=1, help="add icon/emoji-name captions to pre-training"
+    )
+    ap.add_argument(
+        "--icon-themes",
+        default="oxygen",
+        help="comma-separated icon themes captioned by file name in pre-training (with --aux 1): "
+        + ", ".join(ICON_THEMES),
     )
     # fine-tuning
     ap.add_argument("--ft-steps", type=int, default=300)
