@@ -839,6 +839,28 @@ DOMAIN_CAPTIONS = {
 }
 
 
+def emoji_train_names(cache):
+    """CLDR names of the emoji task's train images, in split order: from the build cache that
+    stage data writes, or (a fresh cache, e.g. for an attempt with its own ``--cache``) rebuilt
+    with stage data's seeded split and checked against the stored train split."""
+    path = Path(cache) / "aux_captions.json"
+    if not path.is_file():
+        from datasets import load_dataset
+
+        rng = np.random.default_rng([SEED, TASKS.index("emoji"), 1])
+        split = make_emoji(rng)
+        stored = load_dataset(str(DATA / "emoji"), split="train")["label"]
+        if list(stored) != split["train"][1]:
+            raise SystemExit(
+                "the emoji split rebuilt here differs from fusion_bench/data/tiny8/datasets/emoji "
+                "(another Noto emoji font or unicode-data version?): run --stage data first"
+            )
+        ims, caps = icon_corpus()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"emoji_names": split["_train_names"], "n_icons": len(caps)}))
+    return json.loads(path.read_text())["emoji_names"]
+
+
 def stage_pretrain(args):
     import torch
     import torch.nn.functional as F
@@ -881,7 +903,7 @@ def stage_pretrain(args):
         Xs.append(torch.stack([preprocess(im) for im in ims]).half())
         caps_per_item += [[c] for c in caps]
         flips += [False] * len(caps)
-        names = json.loads((cache / "aux_captions.json").read_text())["emoji_names"]
+        names = emoji_train_names(cache)
         # the emoji task's train split, captioned with the emoji's own CLDR name (not its group)
         Xe, _ = load_split_tensors("emoji", "train", preprocess, cache)
         Xs.append(Xe)
