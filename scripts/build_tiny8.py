@@ -744,6 +744,7 @@ def load_split_tensors(task, split, preprocess, cache):
     ds = load_dataset(str(DATA / task), split=split)
     X = torch.stack([preprocess(im) for im in ds["image"]]).half()
     y = torch.tensor(ds["label"])
+    cp.parent.mkdir(parents=True, exist_ok=True)
     torch.save((X, y), cp)
     return X, y
 
