@@ -366,7 +366,7 @@ def agreement(results: dict[str, dict], seeds: dict[str, dict] | None = None) ->
         for run in [results, *seeds.values()]
     ]
     return line + (
-        f" Over {1 + len(seeds)} fine-tuning seeds (0 and {', '.join(seeds)}; the {len(common)} "
+        f" Over {1 + len(seeds)} fine-tuning seeds ({', '.join(['0', *seeds])}; the {len(common)} "
         f"methods every seed has): τ of the mean averages **{mean_tau:.2f}** ({c} concordant, "
         f"{d} discordant); τ per seed {statistics.mean(per_seed):.2f} ± "
         f"{statistics.stdev(per_seed):.2f} ({', '.join(f'{t:.2f}' for t in per_seed)})."
