@@ -688,11 +688,7 @@ def stage_data(args):
     write_suite_yaml()
     # auxiliary caption corpus for pre-training only (build-time cache, not shipped)
     ims, caps = icon_corpus()
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    (cache / "aux_captions.json").write_text(
-        json.dumps({"emoji_names": aux.get("emoji_names", []), "n_icons": len(caps)})
-    )
+    write_emoji_names(args.cache, aux.get("emoji_names", []))
     log(
         f"data done: {summary}; aux icons {len(caps)}, aux emoji names {len(aux.get('emoji_names', []))}"
     )
@@ -856,10 +852,15 @@ def emoji_train_names(cache):
                 "the emoji split rebuilt here differs from fusion_bench/data/tiny8/datasets/emoji "
                 "(another Noto emoji font or unicode-data version?): run --stage data first"
             )
-        ims, caps = icon_corpus()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"emoji_names": split["_train_names"], "n_icons": len(caps)}))
+        write_emoji_names(cache, split["_train_names"])
     return json.loads(path.read_text())["emoji_names"]
+
+
+def write_emoji_names(cache, names):
+    """The build cache's record of the emoji train images' CLDR names (pre-training captions)."""
+    path = Path(cache) / "aux_captions.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"emoji_names": names}))
 
 
 def stage_pretrain(args):

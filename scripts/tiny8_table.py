@@ -379,6 +379,11 @@ def published_methods() -> list[str]:
     return [n for n in methods() if n in published or n in ("pretrained", "individual")]
 
 
+def read_json(path: Path) -> dict:
+    """A results cache, or {} before its first run."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def main(argv: list[str]) -> None:
     """``--table-only``: rewrite the table from the cached results, running nothing."""
     import argparse
@@ -396,7 +401,7 @@ def main(argv: list[str]) -> None:
     if args.build is not None:
         POOL[:] = build_overrides(args.build)
         cache = args.build / "tiny8_results.json"
-    results = json.loads(cache.read_text()) if cache.is_file() else {}
+    results, seeds = read_json(cache), read_json(SEEDS)
     names = args.methods or (
         published_methods()
         if args.published
@@ -407,7 +412,6 @@ def main(argv: list[str]) -> None:
         cache.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     if args.build is not None:
         if args.seed is not None:
-            seeds = json.loads(SEEDS.read_text()) if SEEDS.is_file() else {}
             seeds[args.seed] = {
                 n: {
                     "test/avg_acc": r["test/avg_acc"],
@@ -419,7 +423,6 @@ def main(argv: list[str]) -> None:
             SEEDS.write_text(json.dumps(seeds, indent=1, sort_keys=True) + "\n")
         print(table(results) + agreement(results))
         return
-    seeds = json.loads(SEEDS.read_text()) if SEEDS.is_file() else {}
     text = PAGE.read_text()
     for begin, end, body in (
         (BEGIN, END, table(results, seeds) + agreement(results, seeds)),
