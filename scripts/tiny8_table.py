@@ -6,18 +6,25 @@
     python scripts/tiny8_table.py lora:task_arithmetic lora/core_space   # LoRA rows (tiny8_lora)
     python scripts/tiny8_table.py --build DIR [methods]   # another build (e.g. an attempt's)
     python scripts/tiny8_table.py --build DIR --seed 1 --published   # a fine-tuning seed's rows
+    python scripts/tiny8_table.py --build DIR --table-only --seed-builds DIR1 DIR2   # seeds of DIR
 
 `--build DIR` runs on the checkpoints that `scripts/build_tiny8.py --out DIR` wrote (the pool's
 model config, pretrained model and experts overridden), caches in DIR/tiny8_results.json and prints
 the table and Kendall's τ without touching the docs. `--seed N` also records the build's averages
 as fine-tuning seed N in docs/tiny8_seeds.json: the docs table then shows, per method, the mean ±
 std of the test average over the shipped experts (seed 0) and every recorded seed, and Kendall's τ
-on those means. `--published` = the methods with a published CLIP number (and the two references).
+on those means. `--seed-builds DIR1 DIR2` (with `--build DIR`) prints DIR's table with the same
+mean ± std column and τ line over DIR and the other folders (e.g. an attempt's fine-tuning seeds),
+again without touching the docs. `--published` = the methods with a published CLIP number (and the
+two references).
 
 Every method runs through the CLI on the default pool (tiny8), evaluated on validation and test.
 A method's scale (a scalar `scaling_factor`, or the knob in SWEEPS: a base merge's λ, LiNeS' β)
 is swept over LAMBDA_GRID (GRIDS for some) on the validation split only, and the value with the
-best validation accuracy is then evaluated on test (test accuracy never selects anything).
+best validation accuracy is then evaluated on test (test accuracy never selects anything). When
+that value is the grid's top, the grid is continued with its last step (five values at a time, up
+to twice its top) until the best value is below the top. (The grids start at their smallest
+meaningful value; a best value at the bottom — LiNeS' β = 0.1, SVC's λ = 0.1 — is left as is.)
 Results are cached per method in docs/tiny8_results.json so that one method can be re-run
 without the others.
 """
@@ -175,6 +182,25 @@ def sweep_of(name: str) -> tuple[str, str] | None:
     return None
 
 
+def swept_value(row: dict, key: str) -> str:
+    """The value of the swept override ``key`` in a sweep row's setting."""
+    setting = row["setting"].split()
+    return next(t.split("=", 1)[1] for t in setting if t.lstrip("+").startswith(key + "="))
+
+
+def extension(grid: str, value: str, first: str) -> str:
+    """The next values to sweep when the best ``value`` is the top of ``grid`` (the swept values
+    so far end there): ``grid``'s last step continued five times, up to twice the top of the
+    ``first`` grid; "" when ``value`` is interior, or that limit is reached."""
+    values = [float(v) for v in grid.split(",")]
+    top, limit = values[-1], 2 * max(float(v) for v in first.split(","))
+    if float(value) < top or len(values) < 2 or top >= limit - 1e-9:
+        return ""
+    step = values[-1] - values[-2]
+    more = [top + step * i for i in range(1, 6)]
+    return ",".join(str(round(v, 6)) for v in more if v <= limit + 1e-9)
+
+
 def run_method(name: str) -> dict:
     """Best setting by validation accuracy (a sweep on validation only of the method's scale:
     see sweep_of), then that setting evaluated on validation and test. Routed methods: their
@@ -191,12 +217,16 @@ def run_method(name: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         if swept is not None:
             override, grid = swept
-            rows = cli(
-                [*args, "taskpool.splits=[validation]", f"{override}={grid}"], f"{tmp}/sweep"
-            )
             key = override.lstrip("+")
-            setting = best(rows)["setting"].split()
-            value = next(t.split("=", 1)[1] for t in setting if t.lstrip("+").startswith(key + "="))
+            rows, n = [], 0
+            while grid:  # the grid, then its extensions while the best value is its top edge
+                n += 1
+                rows += cli(
+                    [*args, "taskpool.splits=[validation]", f"{override}={grid}"],
+                    f"{tmp}/sweep{n}",
+                )
+                value = swept_value(best(rows), key)
+                grid = extension(grid, value, swept[1])
             args.append(f"{override}={value}")
         (row,) = cli([*args, "taskpool.splits=[validation,test]"], f"{tmp}/final")
         if routed:
@@ -337,10 +367,13 @@ def kendall(ours: dict[str, float], published: dict[str, dict]) -> tuple[float, 
     return tau, sum(s > 0 for s in sign), sum(s < 0 for s in sign), names
 
 
-def agreement(results: dict[str, dict], seeds: dict[str, dict] | None = None) -> str:
+def agreement(
+    results: dict[str, dict], seeds: dict[str, dict] | None = None, base: str = "0"
+) -> str:
     """The ranking-agreement line: Kendall's τ (τ-b) between tiny8's test averages and the
     published CLIP ViT-B/32 TA8 averages, over every merge method that has both; with recorded
-    seeds, τ of the seeds' mean averages and τ per seed (mean ± std)."""
+    seeds, τ of the seeds' mean averages and τ per seed (mean ± std). ``base`` names the seed of
+    ``results`` in that line."""
     published = json.loads(PUBLISHED.read_text())["methods"]
     tau, concordant, discordant, names = kendall(
         {n: r["test/avg_acc"] for n, r in results.items()}, published
@@ -366,7 +399,7 @@ def agreement(results: dict[str, dict], seeds: dict[str, dict] | None = None) ->
         for run in [results, *seeds.values()]
     ]
     return line + (
-        f" Over {1 + len(seeds)} fine-tuning seeds ({', '.join(['0', *seeds])}; the {len(common)} "
+        f" Over {1 + len(seeds)} fine-tuning seeds ({', '.join([base, *seeds])}; the {len(common)} "
         f"methods every seed has): τ of the mean averages **{mean_tau:.2f}** ({c} concordant, "
         f"{d} discordant); τ per seed {statistics.mean(per_seed):.2f} ± "
         f"{statistics.stdev(per_seed):.2f} ({', '.join(f'{t:.2f}' for t in per_seed)})."
@@ -394,9 +427,25 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--build", type=Path, help="a build_tiny8.py --out directory")
     ap.add_argument("--seed", help="with --build: record its averages as this fine-tuning seed")
     ap.add_argument("--published", action="store_true", help="only published_methods()")
+    ap.add_argument(
+        "--seed-builds",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="with --build: other fine-tuning seeds of that build (their tiny8_results.json), "
+        "printed as mean ± std and τ over the seeds",
+    )
     args = ap.parse_args(argv)
     if args.seed is not None and args.build is None:
         sys.exit("[tiny8_table] --seed needs --build (the seed's build directory)")
+    if args.seed_builds and args.build is None:
+        sys.exit("[tiny8_table] --seed-builds needs --build (the seeds' first build directory)")
+    others = {}
+    for folder in args.seed_builds:
+        others[folder.name] = read_json(folder / "tiny8_results.json")
+        if not others[folder.name]:
+            sys.exit(f"[tiny8_table] --seed-builds {folder}: no tiny8_results.json (run --build)")
     cache = RESULTS
     if args.build is not None:
         POOL[:] = build_overrides(args.build)
@@ -421,7 +470,7 @@ def main(argv: list[str]) -> None:
                 for n, r in results.items()
             }
             SEEDS.write_text(json.dumps(seeds, indent=1, sort_keys=True) + "\n")
-        print(table(results) + agreement(results))
+        print(table(results, others) + agreement(results, others, args.build.name))
         return
     text = PAGE.read_text()
     for begin, end, body in (

@@ -143,6 +143,83 @@ def test_seed_column_and_tau_are_over_every_recorded_seed():
     assert table.table(rows) == table.table(rows, {})  # no seeds: the seed-0 table unchanged
 
 
+def test_sweep_grid_is_continued_while_the_best_value_is_its_top_edge(monkeypatch):
+    """A validation accuracy that peaks at λ = 1.4 (above LAMBDA_GRID's top, 1.0): the sweep
+    continues the grid (1.1–1.5) and selects 1.4 for the final run; a peak inside the grid sweeps
+    only the grid; a curve that still rises at twice the top stops there (2.0)."""
+    table = _table_script()
+
+    def run(peak):
+        sweeps = []
+
+        def fake_cli(args, sweep_dir):
+            (swept,) = [a for a in args if a.startswith("method.scaling_factor=")]
+            values = swept.split("=", 1)[1].split(",")
+            if "taskpool.splits=[validation]" in args:
+                sweeps.append(values)
+                return [
+                    {
+                        "setting": f"method.scaling_factor={v}",
+                        "validation/avg_acc": -abs(float(v) - peak),
+                    }
+                    for v in values
+                ]
+            return [{"setting": swept, "test/avg_acc": 0.5, "validation/avg_acc": 0.5}]
+
+        monkeypatch.setattr(table, "cli", fake_cli)
+        row = table.run_method("task_arithmetic")
+        return sweeps, row["setting"]
+
+    sweeps, setting = run(1.4)
+    assert sweeps == [table.LAMBDA_GRID.split(","), ["1.1", "1.2", "1.3", "1.4", "1.5"]]
+    assert setting == "method.scaling_factor=1.4"
+    sweeps, setting = run(0.3)
+    assert len(sweeps) == 1 and setting == "method.scaling_factor=0.3"
+    sweeps, setting = run(5.0)
+    assert sweeps[-1] == ["1.6", "1.7", "1.8", "1.9", "2.0"] and setting.endswith("=2.0")
+    assert table.extension(table.WIDE_GRID, "2.0", table.WIDE_GRID) == "2.2,2.4,2.6,2.8,3.0"
+
+
+def test_seed_builds_print_mean_std_and_tau_over_the_folders(tmp_path, capsys):
+    """``--build DIR --table-only --seed-builds DIR1 DIR2``: DIR's table with the mean ± std
+    column over the three folders' cached results and the τ line naming them; docs untouched; a
+    folder without results is a clear error."""
+    import json
+
+    import pytest
+
+    table = _table_script()
+    published = json.loads(table.PUBLISHED.read_text())["methods"]
+    folders = []
+    for i, name in enumerate(["a7", "a7s1", "a7s2"]):
+        folder = tmp_path / name
+        (folder / "experts").mkdir(parents=True)
+        for f in ("Tiny8-ViT.json", "pretrained.safetensors", "experts/tiny8_x.safetensors"):
+            (folder / f).write_text("")
+        results = {
+            n: {
+                "test/avg_acc": e["acc"] / 100 + i / 100,
+                "validation/avg_acc": 0.5,
+                "test/tiny8_x/acc": 0.5,
+                "setting": "",
+            }
+            for n, e in published.items()
+        }
+        (folder / "tiny8_results.json").write_text(json.dumps(results))
+        folders.append(str(folder))
+    page = table.PAGE.read_text()
+    table.main(["--build", folders[0], "--table-only", "--seed-builds", *folders[1:]])
+    out = capsys.readouterr().out
+    assert table.PAGE.read_text() == page
+    ta = next(line for line in out.splitlines() if "`task_arithmetic`" in line)
+    acc = published["task_arithmetic"]["acc"]
+    assert ta.endswith(f"| {acc + 1:.1f} ± 1.0 |")  # acc, acc + 1, acc + 2
+    assert "Over 3 fine-tuning seeds (a7, a7s1, a7s2;" in out
+    assert "τ per seed 1.00 ± 0.00" in out
+    with pytest.raises(SystemExit, match="no tiny8_results.json"):
+        table.main(["--build", folders[0], "--table-only", "--seed-builds", str(tmp_path)])
+
+
 def test_build_overrides_point_the_pool_at_a_build_directory(tmp_path):
     """``tiny8_table.py --build DIR``: the pool's config, pretrained model and every expert come
     from DIR (here the shipped build itself, so the overridden pool equals the default one); a
