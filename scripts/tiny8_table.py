@@ -7,6 +7,7 @@
     python scripts/tiny8_table.py --build DIR [methods]   # another build (e.g. an attempt's)
     python scripts/tiny8_table.py --build DIR --seed 1 --published   # a fine-tuning seed's rows
     python scripts/tiny8_table.py --build DIR --table-only --seed-builds DIR1 DIR2   # seeds of DIR
+    python scripts/tiny8_table.py --build DIR --table-only --without faces   # τ on 7 tasks
 
 `--build DIR` runs on the checkpoints that `scripts/build_tiny8.py --out DIR` wrote (the pool's
 model config, pretrained model and experts overridden), caches in DIR/tiny8_results.json and prints
@@ -412,6 +413,20 @@ def published_methods() -> list[str]:
     return [n for n in methods() if n in published or n in ("pretrained", "individual")]
 
 
+def without(results: dict[str, dict], task: str) -> dict[str, dict]:
+    """``results`` with ``task``'s column removed and the test average taken over the other
+    tasks (a diagnostic of how much one task moves the ranking; the docs table keeps all eight)."""
+    column = f"test/tiny8_{task}/acc"
+    out = {}
+    for name, row in results.items():
+        if column not in row:
+            sys.exit(f"[tiny8_table] --without {task}: {name} has no {column}")
+        kept = {k: v for k, v in row.items() if k != column}
+        tasks = [v for k, v in kept.items() if k.startswith("test/tiny8_") and k.endswith("/acc")]
+        out[name] = kept | {"test/avg_acc": sum(tasks) / len(tasks)}
+    return out
+
+
 def read_json(path: Path) -> dict:
     """A results cache, or {} before its first run."""
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -436,7 +451,15 @@ def main(argv: list[str]) -> None:
         help="with --build: other fine-tuning seeds of that build (their tiny8_results.json), "
         "printed as mean ± std and τ over the seeds",
     )
+    ap.add_argument(
+        "--without",
+        metavar="TASK",
+        help="with --build --table-only: print the table and τ with the test average over the "
+        "other tasks (e.g. faces, 80 test images)",
+    )
     args = ap.parse_args(argv)
+    if args.without and not (args.build and args.table_only):
+        sys.exit("[tiny8_table] --without needs --build and --table-only (a printed diagnostic)")
     if args.seed is not None and args.build is None:
         sys.exit("[tiny8_table] --seed needs --build (the seed's build directory)")
     if args.seed_builds and args.build is None:
@@ -470,6 +493,9 @@ def main(argv: list[str]) -> None:
                 for n, r in results.items()
             }
             SEEDS.write_text(json.dumps(seeds, indent=1, sort_keys=True) + "\n")
+        if args.without:
+            results = without(results, args.without)
+            others = {k: without(v, args.without) for k, v in others.items()}
         print(table(results, others) + agreement(results, others, args.build.name))
         return
     text = PAGE.read_text()

@@ -220,6 +220,21 @@ def test_seed_builds_print_mean_std_and_tau_over_the_folders(tmp_path, capsys):
         table.main(["--build", folders[0], "--table-only", "--seed-builds", str(tmp_path)])
 
 
+def test_without_a_task_recomputes_the_average_over_the_others():
+    """``--without faces``: the faces column leaves every row and the test average is the mean of
+    the remaining tasks; a row without that task's column is a clear error."""
+    import pytest
+
+    table = _table_script()
+    row = {"test/tiny8_a/acc": 0.6, "test/tiny8_b/acc": 0.8, "test/tiny8_faces/acc": 0.1}
+    row |= {"test/avg_acc": 0.5, "validation/avg_acc": 0.4, "setting": ""}
+    (out,) = table.without({"m": row}, "faces").values()
+    assert "test/tiny8_faces/acc" not in out
+    assert abs(out["test/avg_acc"] - 0.7) < 1e-12 and out["validation/avg_acc"] == 0.4
+    with pytest.raises(SystemExit, match="m has no test/tiny8_skintone/acc"):
+        table.without({"m": row}, "skintone")
+
+
 def test_build_overrides_point_the_pool_at_a_build_directory(tmp_path):
     """``tiny8_table.py --build DIR``: the pool's config, pretrained model and every expert come
     from DIR (here the shipped build itself, so the overridden pool equals the default one); a
