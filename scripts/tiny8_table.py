@@ -24,8 +24,8 @@ A method's scale (a scalar `scaling_factor`, or the knob in SWEEPS: a base merge
 is swept over LAMBDA_GRID (GRIDS for some) on the validation split only, and the value with the
 best validation accuracy is then evaluated on test (test accuracy never selects anything). When
 that value is the grid's top, the grid is continued with its last step (five values at a time, up
-to twice its top) until the best value is below the top. (The grids start at their smallest
-meaningful value; a best value at the bottom — LiNeS' β = 0.1, SVC's λ = 0.1 — is left as is.)
+to twice its top) until the best value is below the top. Only the top is continued: a best value
+at a grid's bottom (LiNeS' β = 0.1 and SVC's λ = 0.1 on the shipped build) is reported as is.
 Results are cached per method in docs/tiny8_results.json so that one method can be re-run
 without the others.
 """
