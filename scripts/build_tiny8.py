@@ -12,7 +12,7 @@ Recreates, deterministically and from registry packages only (see docs/tiny8.md)
 
 and prints a summary (zero-shot and expert accuracy per task, stage ``eval``).
 
-    .venv/bin/python scripts/build_tiny8.py --stage all          # everything (~1 h on 2 cores)
+    .venv/bin/python scripts/build_tiny8.py --stage all          # everything (~2 h on one thread)
     .venv/bin/python scripts/build_tiny8.py --stage pretrain     # one stage
 
 Build-time requirements (NOT needed at run time): Debian packages dataset-fashion-mnist,
@@ -1317,7 +1317,12 @@ def main(argv=None):
         help="write checkpoints here instead of fusion_bench/data/tiny8 "
         "(experiments; datasets are always read from fusion_bench/data/tiny8/datasets)",
     )
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads; the shipped artefacts were built with 1 (others: not bit-identical)",
+    )
     # model
     ap.add_argument("--width", type=int, default=192)
     ap.add_argument("--layers", type=int, default=6)
@@ -1326,7 +1331,12 @@ def main(argv=None):
     ap.add_argument("--text-width", type=int, default=128)
     ap.add_argument("--text-layers", type=int, default=3)
     # pre-training
-    ap.add_argument("--pretrain-steps", type=int, default=800)
+    ap.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=3200,
+        help="pre-training steps (shipped: 3200, attempt A7; 800 until 2026-12-03, build A2)",
+    )
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument(
@@ -1337,11 +1347,11 @@ def main(argv=None):
     )
     ap.add_argument(
         "--heldout-mode",
-        default="drop",
+        default="text",
         choices=["drop", "text"],
-        help="drop (default): held-out classes' images and names are left out of pre-training; "
-        "text: their images stay, captioned only with their task's domain (DOMAIN_CAPTIONS), so "
-        "only the class names are held out (attempt A6)",
+        help="text (default, shipped since attempt A7): held-out classes' images stay in "
+        "pre-training, captioned only with their task's domain (DOMAIN_CAPTIONS), so only the class "
+        "names are held out; drop: their images and names are both left out (build A2)",
     )
     ap.add_argument(
         "--decay-all",

@@ -25,7 +25,7 @@ is swept over LAMBDA_GRID (GRIDS for some) on the validation split only, and the
 best validation accuracy is then evaluated on test (test accuracy never selects anything). When
 that value is the grid's top, the grid is continued with its last step (five values at a time, up
 to twice its top) until the best value is below the top. Only the top is continued: a best value
-at a grid's bottom (LiNeS' β = 0.1 and SVC's λ = 0.1 on the shipped build) is reported as is.
+at a grid's bottom (LiNeS' β = 0.1 and SVC's λ = 0.1 on build A2) is reported as is.
 Results are cached per method in docs/tiny8_results.json so that one method can be re-run
 without the others.
 """
@@ -94,8 +94,9 @@ SAVED = "routed/checkpoint"  # evaluates a saved model: not a method to tabulate
 # rules in Core Space and KnOTS. key -> (method, overrides, (swept override, grid) or None). The
 # full-space TIES uses the options its Core Space version starts from (disjoint mean, top-30 %),
 # so that the two rows differ only in the space.
-# LoRA updates (s = 2) select the smallest λ of LAMBDA_GRID for task arithmetic and TSV-M: a grid
-# that extends below it, so that the selected value is not at the grid's edge.
+# On build A2, LoRA updates (s = 2) selected the smallest λ of LAMBDA_GRID for task arithmetic and
+# TSV-M: a grid that extends below it, so that the selected value is not at the grid's bottom (its
+# top is continued like every grid's; the shipped build selects 0.5 and 0.7).
 LORA_LOW_GRID = "0.02,0.05,0.1,0.15,0.2,0.3,0.5"
 LORA = {
     "lora:individual": ("individual", [], None),
