@@ -37,7 +37,7 @@ docs:  ## check that every method config has its docs page and index row
 tiny8-table:  ## regenerate the tiny8 results table in docs/tiny8.md
 	$(PY) scripts/tiny8_table.py
 
-tiny8-diagnostics:  ## task-vector size, linearity and cosines of the tiny8 experts (issue 17)
+tiny8-diagnostics:  ## task-vector size, linearity, cosines and low rank of the tiny8 experts (issue 17)
 	$(PY) scripts/tiny8_diagnostics.py
 
 fusion-table:  ## the tiny8 fusion table (parents, ensemble, vanilla, every fusion method; ~45 min)

@@ -253,3 +253,50 @@ def test_build_overrides_point_the_pool_at_a_build_directory(tmp_path):
     assert torch.equal(pool.expert("tiny8_mnist")[key], default.expert("tiny8_mnist")[key])
     with pytest.raises(SystemExit, match="missing .*Tiny8-ViT.json"):
         table.build_overrides(tmp_path)
+
+
+def _diagnostics_script():
+    import importlib.util
+
+    from fusion_bench.paths import config_dir
+
+    path = config_dir().parent / "scripts" / "tiny8_diagnostics.py"
+    spec = importlib.util.spec_from_file_location("tiny8_diagnostics", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_low_rank_diagnostic_is_the_best_rank_r_over_t_task_matrix():
+    """tiny8_diagnostics' low-rank column (issue 17): every 2-D task matrix becomes its best
+    rank-⌊r/T⌋ approximation (Eckart–Young: the float64 SVD truncated), at a realistic shape with
+    an ill-conditioned spectrum; other tensors and the averaged text projection keep their whole
+    task vector; the reported share is the kept squared singular values over ‖τ‖²."""
+    import torch
+
+    diagnostics = _diagnostics_script()
+    gen = torch.Generator().manual_seed(0)
+    m, n, n_tasks = 384, 1536, 8
+    q1, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(n, m, generator=gen, dtype=torch.float64))
+    spectrum = torch.logspace(0, -8, m, dtype=torch.float64)
+    tau = (q1 * spectrum) @ q2.T
+    theta0 = {
+        "w": torch.randn(m, n, generator=gen),
+        "b": torch.randn(m, generator=gen),
+        "text_projection": torch.randn(16, 8, generator=gen),
+    }
+    expert = {
+        "w": (theta0["w"].double() + tau).float(),
+        "b": theta0["b"] + 1.0,
+        "text_projection": theta0["text_projection"] + 2.0,
+    }
+    state, share = diagnostics.low_rank_task_vector(theta0, expert, n_tasks)
+    k = m // n_tasks
+    u, s, vh = torch.linalg.svd(expert["w"].double() - theta0["w"].double(), full_matrices=False)
+    oracle = theta0["w"].double() + (u[:, :k] * s[:k]) @ vh[:k]
+    torch.testing.assert_close(state["w"].double(), oracle.float().double(), atol=2e-6, rtol=0)
+    assert torch.equal(state["b"], expert["b"])
+    assert torch.equal(state["text_projection"], expert["text_projection"])
+    assert abs(share - float((s[:k] ** 2).sum() / (s**2).sum())) < 1e-9
+    assert 0.9 < share < 1.0  # the spectrum decays: most, not all, of ‖τ‖² is kept

@@ -6,7 +6,8 @@ Experts arrive one at a time. The running (unnormalised) update starts at the fi
 S_1 = τ_1, and for every later expert t:
 
 - every 2-D linear weight: with the thin SVD S_{t−1} = U diag(s) Vᵀ and the split rank r = the first
-  index at which the cumulative share of the singular values Σ_{j≤i} s_j / Σ_j s_j exceeds ``alpha``,
+  index at which the cumulative share of the singular values Σ_{j≤i} s_j / Σ_j s_j exceeds ``alpha``
+  (0 if none does; the share is clamped to its exact maximum 1, see :func:`split_rank`),
   the new task vector loses its components in the previous update's principal subspace — the block
   (Uᵀ τ_t V)_{ij}, i, j < r — and on every singular pair, (Uᵀ τ_t V)_{ii}:
   S_t = S_{t−1} + τ_t − U_r (U_rᵀ τ_t V_r) V_rᵀ − Σ_{i ≥ r} (u_iᵀ τ_t v_i) u_i v_iᵀ;
@@ -96,9 +97,13 @@ class OPCM(SequentialMerge[RunningUpdate]):
 
 
 def split_rank(s: Tensor, alpha: float) -> int:
-    """The first index i with Σ_{j≤i} s_j / Σ_j s_j > alpha (0 if there is none, as FusionBench)."""
+    """The first index i with Σ_{j≤i} s_j / Σ_j s_j > alpha (0 if there is none, as FusionBench).
+
+    The share is clamped to 1, its exact-arithmetic maximum: rounding can put the last cumulative
+    shares an ulp above 1, which would make ``alpha = 1`` protect almost the whole spectrum or
+    nothing depending on the SVD's last bits; in exact arithmetic no share exceeds 1, so r = 0."""
     total = s.sum()
     if total <= 0:
         return 0
-    above = (s.cumsum(0) / total) > alpha
+    above = (s.cumsum(0) / total).clamp(max=1.0) > alpha
     return int(above.to(torch.int8).argmax()) if bool(above.any()) else 0
