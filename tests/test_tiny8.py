@@ -78,18 +78,21 @@ def test_scratch_towers_are_differently_initialised_tiny8_towers():
     assert config["vision_cfg"]["width"] == 128
 
 
-def _table_script():
+def _script(name: str):
+    """``scripts/<name>.py`` as a module (the scripts are not a package)."""
     import importlib.util
 
     from fusion_bench.paths import config_dir
 
-    root = config_dir().parent
-    spec = importlib.util.spec_from_file_location(
-        "tiny8_table", root / "scripts" / "tiny8_table.py"
-    )
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
-    return table
+    path = config_dir().parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _table_script():
+    return _script("tiny8_table")
 
 
 def test_ranking_agreement_line_is_kendalls_tau_over_published_methods():
@@ -255,18 +258,6 @@ def test_build_overrides_point_the_pool_at_a_build_directory(tmp_path):
         table.build_overrides(tmp_path)
 
 
-def _diagnostics_script():
-    import importlib.util
-
-    from fusion_bench.paths import config_dir
-
-    path = config_dir().parent / "scripts" / "tiny8_diagnostics.py"
-    spec = importlib.util.spec_from_file_location("tiny8_diagnostics", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_low_rank_diagnostic_is_the_best_rank_r_over_t_task_matrix():
     """tiny8_diagnostics' low-rank column (issue 17): every 2-D task matrix becomes its best
     rank-⌊r/T⌋ approximation (Eckart–Young: the float64 SVD truncated), at a realistic shape with
@@ -274,7 +265,7 @@ def test_low_rank_diagnostic_is_the_best_rank_r_over_t_task_matrix():
     task vector; the reported share is the kept squared singular values over ‖τ‖²."""
     import torch
 
-    diagnostics = _diagnostics_script()
+    diagnostics = _script("tiny8_diagnostics")
     gen = torch.Generator().manual_seed(0)
     m, n, n_tasks = 384, 1536, 8
     q1, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=torch.float64))
