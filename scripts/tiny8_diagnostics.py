@@ -25,11 +25,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from fusion_bench.method.tsv_m import TsvM
 from fusion_bench.paths import config_dir
 from fusion_bench.spectral import top_singular_triplets
 from fusion_bench.tensor_ops import is_excluded
 
-AVERAGED = ["*text_projection*"]  # 2-D keys TSV-M averages instead of compressing (its default)
+AVERAGED = TsvM().average_keys  # 2-D keys TSV-M averages instead of compressing (its default)
 
 
 def low_rank_task_vector(
@@ -77,8 +78,9 @@ def main(overrides: list[str]) -> None:
             metrics = taskpool.evaluate(classifier, tasks=[task])
             accs.append(metrics[f"validation/{task}/acc"])
         gain = accs[2] - accs[0]
-        kept = (accs[1] - accs[0]) / gain if gain > 0 else float("nan")
-        kept_low = (accs[3] - accs[0]) / gain if gain > 0 else float("nan")
+        kept, kept_low = (
+            (acc - accs[0]) / gain if gain > 0 else float("nan") for acc in (accs[1], accs[3])
+        )
         rel = float(taus[task].norm() / norm0)
         rows.append((task, rel, accs, kept, kept_low, energy))
     print(

@@ -91,10 +91,6 @@ def _script(name: str):
     return module
 
 
-def _table_script():
-    return _script("tiny8_table")
-
-
 def test_ranking_agreement_line_is_kendalls_tau_over_published_methods():
     """The line under the tiny8 table (issue 17): τ over the methods with a published number; a
     tiny8 ranking equal to the published one gives τ = 1, the reversed one τ = −1."""
@@ -102,7 +98,7 @@ def test_ranking_agreement_line_is_kendalls_tau_over_published_methods():
 
     from fusion_bench.paths import config_dir
 
-    table = _table_script()
+    table = _script("tiny8_table")
     published = json.loads(table.PUBLISHED.read_text())["methods"]
     for name, entry in published.items():  # every entry names a method config and its source
         assert (config_dir() / "method" / f"{name}.yaml").is_file(), name
@@ -121,7 +117,7 @@ def test_seed_column_and_tau_are_over_every_recorded_seed():
     −1; the means (weighted by the larger margins of the agreeing seeds) keep τ = 1."""
     import json
 
-    table = _table_script()
+    table = _script("tiny8_table")
     published = json.loads(table.PUBLISHED.read_text())["methods"]
     same = {n: {"test/avg_acc": e["acc"] / 100} for n, e in published.items()}
     flipped = {n: {"test/avg_acc": 0.9 - e["acc"] / 400} for n, e in published.items()}
@@ -150,7 +146,7 @@ def test_sweep_grid_is_continued_while_the_best_value_is_its_top_edge(monkeypatc
     """A validation accuracy that peaks at λ = 1.4 (above LAMBDA_GRID's top, 1.0): the sweep
     continues the grid (1.1–1.5) and selects 1.4 for the final run; a peak inside the grid sweeps
     only the grid; a curve that still rises at twice the top stops there (2.0)."""
-    table = _table_script()
+    table = _script("tiny8_table")
 
     def run(peak):
         sweeps = []
@@ -191,7 +187,7 @@ def test_seed_builds_print_mean_std_and_tau_over_the_folders(tmp_path, capsys):
 
     import pytest
 
-    table = _table_script()
+    table = _script("tiny8_table")
     published = json.loads(table.PUBLISHED.read_text())["methods"]
     folders = []
     for i, name in enumerate(["a7", "a7s1", "a7s2"]):
@@ -228,7 +224,7 @@ def test_without_a_task_recomputes_the_average_over_the_others():
     the remaining tasks; a row without that task's column is a clear error."""
     import pytest
 
-    table = _table_script()
+    table = _script("tiny8_table")
     row = {"test/tiny8_a/acc": 0.6, "test/tiny8_b/acc": 0.8, "test/tiny8_faces/acc": 0.1}
     row |= {"test/avg_acc": 0.5, "validation/avg_acc": 0.4, "setting": ""}
     (out,) = table.without({"m": row}, "faces").values()
@@ -244,7 +240,7 @@ def test_build_overrides_point_the_pool_at_a_build_directory(tmp_path):
     directory without a build is a clear error naming what is missing."""
     import pytest
 
-    table = _table_script()
+    table = _script("tiny8_table")
     shipped = config_dir().parent / "fusion_bench" / "data" / "tiny8"
     overrides = table.build_overrides(shipped)
     assert len([o for o in overrides if o.startswith("modelpool.finetuned.")]) == 8
