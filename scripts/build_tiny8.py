@@ -1115,6 +1115,8 @@ def stage_finetune(args):
     )
     offset = 1000 * args.ft_seed  # --ft-seed 0 is the shipped experts' seeding
     for ti, task in enumerate(TASKS):
+        if args.tasks and task not in args.tasks:
+            continue  # each task is seeded on its own: a subset gives the same experts
         torch.manual_seed(SEED + offset + ti)
         gen = torch.Generator().manual_seed(SEED + offset + 100 + ti)
         head = zero_shot_head(model, tokenizer, task)
@@ -1377,6 +1379,12 @@ def main(argv=None):
         default=0,
         help="seed of the expert fine-tuning (batch order, augmentation); 0: the shipped experts",
     )
+    ap.add_argument(
+        "--tasks",
+        default="",
+        help="stage finetune: only these comma-separated tasks (e.g. to split the experts over "
+        "processes; each task is seeded on its own, so the experts are those of a full run)",
+    )
     ap.add_argument("--ft-lr", type=float, default=3e-4)
     ap.add_argument("--ft-wd", type=float, default=0.1)
     ap.add_argument(
@@ -1401,6 +1409,12 @@ def main(argv=None):
     ap.add_argument("--scratch-lr", type=float, default=1e-3)
     ap.add_argument("--fp16", type=int, default=1)
     args = ap.parse_args(argv)
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    unknown = sorted(set(args.tasks) - set(TASKS))
+    if unknown:
+        ap.error(
+            f"--tasks: unknown task(s) {', '.join(unknown)}; tiny8's tasks: {', '.join(TASKS)}"
+        )
     global OUT
     if args.out:
         OUT = Path(args.out).resolve()

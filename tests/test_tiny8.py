@@ -287,3 +287,15 @@ def test_low_rank_diagnostic_is_the_best_rank_r_over_t_task_matrix():
     assert torch.equal(state["text_projection"], expert["text_projection"])
     assert abs(share - float((s[:k] ** 2).sum() / (s**2).sum())) < 1e-9
     assert 0.9 < share < 1.0  # the spectrum decays: most, not all, of ‖τ‖² is kept
+
+
+def test_build_script_refuses_an_unknown_task_by_name(capsys):
+    """`build_tiny8.py --tasks` (split the expert fine-tuning over processes) names a typo and the
+    valid tasks before any stage runs."""
+    import pytest
+
+    build = _script("build_tiny8")
+    with pytest.raises(SystemExit):
+        build.main(["--stage", "finetune", "--tasks", "mnist,fashon"])
+    err = capsys.readouterr().err
+    assert "unknown task(s) fashon" in err and "fashion, mnist, letters" in err
