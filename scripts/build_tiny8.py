@@ -1410,6 +1410,8 @@ def main(argv=None):
     ap.add_argument("--fp16", type=int, default=1)
     args = ap.parse_args(argv)
     args.tasks = [t for t in args.tasks.split(",") if t]
+    if args.tasks and args.stage != "finetune":  # the other stages would silently do every task
+        ap.error(f"--tasks applies to --stage finetune only (got --stage {args.stage})")
     unknown = sorted(set(args.tasks) - set(TASKS))
     if unknown:
         ap.error(

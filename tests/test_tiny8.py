@@ -299,3 +299,6 @@ def test_build_script_refuses_an_unknown_task_by_name(capsys):
         build.main(["--stage", "finetune", "--tasks", "mnist,fashon"])
     err = capsys.readouterr().err
     assert "unknown task(s) fashon" in err and "fashion, mnist, letters" in err
+    with pytest.raises(SystemExit):  # the other stages do every task: not silently ignored
+        build.main(["--stage", "all", "--tasks", "mnist"])
+    assert "--tasks applies to --stage finetune only" in capsys.readouterr().err
